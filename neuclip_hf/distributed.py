@@ -1,0 +1,108 @@
+"""Collectives for contrastive losses: gather with autograd, rank offsets, no-grad gathers, all with a
+single-process fallback so the same code runs in one process, under `torchrun` or under `accelerate launch`.
+
+Each rank computes the loss of its LOCAL anchors against the GLOBAL batch. The gather's backward sums the gradient
+of every rank's loss into the rank that owns each embedding, and DDP then averages parameter gradients, so the
+result equals the gradient of the mean of the per-rank losses, i.e. of the full-batch loss (tested with 2 processes).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn  # noqa: F401  (registers torch.distributed.nn.functional, used as a fallback)
+
+try:  # torch >= 2.6: the non-deprecated autograd-aware gather
+    from torch.distributed._functional_collectives import all_gather_single_autograd as _ag_autograd
+except ImportError:  # pragma: no cover - older torch
+    _ag_autograd = None
+
+
+def is_distributed() -> bool:
+    """True when a process group with more than one rank is running."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank_and_world_size() -> tuple[int, int]:
+    """This process's rank and the world size (0, 1 without a process group)."""
+    if not is_distributed():
+        return 0, 1
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _gather_sizes(n: int, device: torch.device) -> list[int]:
+    sizes = torch.tensor([n], device=device, dtype=torch.long)
+    out = [torch.zeros_like(sizes) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, sizes)
+    return [int(s.item()) for s in out]
+
+
+def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    if x.shape[0] == rows:
+        return x
+    pad = x.new_zeros((rows - x.shape[0], *x.shape[1:]))
+    return torch.cat([x, pad], dim=0)
+
+
+def _concat_valid(gathered: torch.Tensor, sizes: list[int], max_size: int) -> torch.Tensor:
+    """Drop the padding rows of a (world * max_size, ...) gather."""
+    if all(s == max_size for s in sizes):
+        return gathered
+    chunks = gathered.split(max_size, dim=0)
+    return torch.cat([c[:s] for c, s in zip(chunks, sizes)], dim=0)
+
+
+def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """All-gather `x` along dim 0 with autograd, allowing different row counts per rank.
+
+    Args:
+        x: This rank's rows, e.g. local embeddings of shape (local_batch, dim).
+
+    Returns:
+        The rows of all ranks in rank order, and the index of this rank's first row in that result.
+    """
+    if not is_distributed():
+        return x, 0
+    sizes = _gather_sizes(x.shape[0], x.device)
+    max_size = max(sizes)
+    padded = _pad_rows(x, max_size)
+    if _ag_autograd is not None:
+        gathered = _ag_autograd(padded.contiguous(), gather_dim=0, group=dist.group.WORLD)
+    else:  # pragma: no cover - older torch
+        gathered = torch.cat(torch.distributed.nn.functional.all_gather(padded.contiguous()), dim=0)
+    offset = sum(sizes[: dist.get_rank()])
+    return _concat_valid(gathered, sizes, max_size), offset
+
+
+@torch.no_grad()
+def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
+    """All-gather `x` along dim 0 without autograd (ids, diagnostics); identity in one process."""
+    if not is_distributed():
+        return x
+    sizes = _gather_sizes(x.shape[0], x.device)
+    max_size = max(sizes)
+    padded = _pad_rows(x, max_size).contiguous()
+    out = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(out, padded)
+    return _concat_valid(torch.cat(out, dim=0), sizes, max_size)
+
+
+@torch.no_grad()
+def broadcast_(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """Overwrite `tensor` in place with rank `src`'s value; identity in one process."""
+    if is_distributed():
+        dist.broadcast(tensor, src=src)
+    return tensor
+
+
+@torch.no_grad()
+def max_abs_difference_across_ranks(tensor: torch.Tensor) -> float:
+    """Largest element-wise difference of `tensor` between this rank and rank 0 (0.0 in one process)."""
+    if not is_distributed():
+        return 0.0
+    reference = tensor.detach().clone()
+    dist.broadcast(reference, src=0)
+    diff = (tensor.detach() - reference).abs().max() if tensor.numel() else tensor.new_zeros(())
+    diff = diff.float().reshape(1)
+    dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+    return float(diff.item())

@@ -1,0 +1,241 @@
+"""NeuCLIPModel: Hugging Face `CLIPModel` encoders plus a normaliser estimator under `normalizer.*`.
+
+The parameter names are exactly CLIPModel's plus `normalizer.*`, so a NeuCLIP checkpoint loads as a plain
+`CLIPModel` (the normaliser keys are ignored) and any CLIP checkpoint loads as a NeuCLIP model with only the
+normaliser new (`NeuCLIPModel.from_clip_pretrained`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoConfig, CLIPModel
+from transformers.models.clip.modeling_clip import CLIPOutput
+from transformers.utils import can_return_tuple
+
+from .configuration_neuclip import NeuCLIPConfig
+from .normalizers import Normalizer, NormalizerEstimator, build_normalizer
+from .objectives import ContrastiveBatch, NormalizerInputs, full_precision
+
+# Keyword arguments of `from_clip_pretrained` that go to `from_pretrained`, not into the config.
+_LOADING_KWARGS = (
+    "revision", "cache_dir", "token", "local_files_only", "force_download", "subfolder", "dtype", "torch_dtype",
+    "device_map", "trust_remote_code", "attn_implementation",
+)
+
+
+@dataclass
+class NeuCLIPOutput(CLIPOutput):
+    r"""Output of [`NeuCLIPModel`]: CLIP's output plus the loss components.
+
+    loss_components (`dict[str, torch.Tensor]`, *optional*, returned when `return_loss` is `True`):
+        Detached scalar parts of the loss (e.g. `unified`, `global_in_batch`, `unified_gap` for the global
+        objectives, `contrastive` for clip, `sigmoid` for siglip).
+    normalizer_diagnostics (`dict[str, torch.Tensor]`, *optional*, returned when `update_normalizer` is `True`):
+        What the estimator update reports (e.g. `restart`, `objective_last` for neuclip; `gamma` for fastclip).
+    logit_scale (`torch.Tensor` of shape `()`):
+        The model's logit scale log(1/T) used for the logits.
+    """
+
+    loss_components: dict[str, torch.Tensor] | None = None
+    normalizer_diagnostics: dict[str, torch.Tensor] | None = None
+    logit_scale: torch.Tensor | None = None
+
+
+def _pooled(output) -> torch.Tensor:
+    """transformers 5 returns an output object from `get_*_features`; transformers 4 returned the tensor."""
+    return output if torch.is_tensor(output) else output.pooler_output
+
+
+class NeuCLIPModel(CLIPModel):
+    """CLIP encoders trained with a normaliser estimator (`config.objective`).
+
+    Example:
+        ```python
+        >>> from neuclip_hf import NeuCLIPConfig, NeuCLIPModel
+        >>> model = NeuCLIPModel(NeuCLIPConfig(objective="neuclip"))
+        >>> out = model(input_ids=ids, pixel_values=pixels, return_loss=True, update_normalizer=True)
+        >>> out.loss, out.loss_components["unified_gap"]
+        ```
+    """
+
+    config_class = NeuCLIPConfig
+    config: NeuCLIPConfig
+    _keep_in_fp32_modules = ["normalizer"]
+
+    def __init__(self, config: NeuCLIPConfig):
+        if not isinstance(config, NeuCLIPConfig):
+            raise TypeError(
+                f"NeuCLIPModel needs a NeuCLIPConfig, got {type(config).__name__}; "
+                "use NeuCLIPConfig.from_clip_config(config) or NeuCLIPModel.from_clip_pretrained(...)"
+            )
+        config.validate_neuclip()
+        super().__init__(config)  # CLIPModel.__init__ builds the encoders and calls post_init() (below)
+
+    def post_init(self):
+        # CLIPModel.__init__ ends with post_init(); adding the normaliser here, just before weights are
+        # initialised, builds it exactly once without re-running the encoders' initialisation.
+        if not hasattr(self, "normalizer"):
+            self.normalizer: Normalizer = build_normalizer(self.config)
+            for module in self.normalizer.modules():
+                module._owned_by_normalizer = True
+            self._ddp_params_and_buffers_to_ignore = self.ddp_ignored_state_names()
+        super().post_init()
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        if isinstance(module, Normalizer):
+            module.reset_parameters()  # estimator-specific init (the CLIP default would give Linear std 1.0)
+        elif not getattr(module, "_owned_by_normalizer", False):
+            super()._init_weights(module)
+
+    def ddp_ignored_state_names(self, prefix: str = "normalizer.") -> list[str]:
+        """Names DDP must neither all-reduce nor broadcast: the estimator's own parameters and buffers.
+
+        Every rank updates them identically from the gathered batch with the normaliser's own optimizer;
+        parameters trained with the encoders (SigLIP's bias) stay under DDP.
+        """
+        encoder_side = self.normalizer.encoder_parameter_names()
+        names = [n for n, _ in self.normalizer.named_parameters() if n not in encoder_side]
+        names += [n for n, _ in self.normalizer.named_buffers()]
+        return [prefix + n for n in names]
+
+    # -- inference API ------------------------------------------------------------------------------------------
+    def encode_image(self, pixel_values: torch.Tensor, **kwargs) -> torch.Tensor:
+        """L2-normalised image embeddings, shape (batch, projection_dim)."""
+        return F.normalize(_pooled(self.get_image_features(pixel_values=pixel_values, **kwargs)), dim=-1)
+
+    def encode_text(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
+    ) -> torch.Tensor:
+        """L2-normalised text embeddings, shape (batch, projection_dim)."""
+        output = self.get_text_features(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        return F.normalize(_pooled(output), dim=-1)
+
+    @property
+    def temperature(self) -> float:
+        return float(torch.exp(-self.logit_scale.detach()))
+
+    @torch.no_grad()
+    def clamp_logit_scale_(self) -> None:
+        """Keep T in [temperature_min, temperature_max] (1/T <= 100 by default); call after every step."""
+        low = -torch.log(torch.tensor(self.config.temperature_max)).item()
+        high = -torch.log(torch.tensor(self.config.temperature_min)).item()
+        self.logit_scale.clamp_(low, high)
+
+    # -- training objective -------------------------------------------------------------------------------------
+    def contrastive_loss(
+        self,
+        image_embeds: torch.Tensor,
+        text_embeds: torch.Tensor,
+        sample_ids: torch.Tensor | None = None,
+        update_normalizer: bool = False,
+        rho: float | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+        """The objective of this rank's local anchors against the gathered global batch.
+
+        Args:
+            image_embeds: (L, d) normalised local image embeddings (with grad).
+            text_embeds: (L, d) normalised local text embeddings.
+            sample_ids: (L,) stable sample ids, needed by `fastclip`.
+            update_normalizer: Run the estimator update on the detached global batch first (training).
+            rho: Temperature penalty weight for this step (defaults to `config.rho`; the trainer schedules it).
+
+        Returns:
+            The loss, its components and the estimator's diagnostics (None without an update).
+        """
+        normalizer = self.normalizer
+        if normalizer.needs_sample_ids and sample_ids is None:
+            raise ValueError(
+                f"objective={self.config.objective!r} keeps per-sample state and needs `sample_ids` in the batch"
+            )
+        rho = self.config.rho if rho is None else rho
+        with full_precision(image_embeds.device):
+            batch = ContrastiveBatch.gather(image_embeds, text_embeds, self.logit_scale, sample_ids)
+            needs_inputs = normalizer.needs_statistics or update_normalizer
+            inputs = NormalizerInputs.from_batch(batch, self.config.eps) if needs_inputs else None
+            diagnostics = None
+            if update_normalizer:
+                if inputs.is_finite():
+                    diagnostics = normalizer.update(inputs)
+                else:  # a non-finite batch must not reach the estimator's state; the loss will be non-finite too
+                    diagnostics = {"skipped_nonfinite_batch": torch.tensor(1.0)}
+            loss, components = normalizer.loss(batch, inputs, rho)
+        return loss, components, diagnostics
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        return_loss: bool | None = None,
+        sample_ids: torch.LongTensor | None = None,
+        update_normalizer: bool = False,
+        rho: float | None = None,
+        interpolate_pos_encoding: bool = False,
+        **kwargs,
+    ) -> NeuCLIPOutput:
+        r"""Encode both modalities; with `return_loss=True` also compute the configured objective.
+
+        Args:
+            input_ids: (batch, seq) token ids.
+            pixel_values: (batch, channels, height, width) images.
+            attention_mask: (batch, seq) text mask.
+            position_ids: Optional text positions.
+            return_loss: Compute the objective (local anchors against the gathered global batch).
+            sample_ids: (batch,) stable sample ids (needed by `fastclip`).
+            update_normalizer: Update the estimator on this batch before computing the loss (training step).
+            rho: Temperature penalty weight for this step (defaults to `config.rho`).
+            interpolate_pos_encoding: Passed to the vision tower.
+        """
+        image_output = self.get_image_features(
+            pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, **kwargs
+        )
+        text_output = self.get_text_features(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs
+        )
+        image_embeds = F.normalize(_pooled(image_output), dim=-1)
+        text_embeds = F.normalize(_pooled(text_output), dim=-1)
+        logits_per_text = (text_embeds @ image_embeds.T) * self.logit_scale.exp()
+
+        loss = components = diagnostics = None
+        if return_loss:
+            loss, components, diagnostics = self.contrastive_loss(
+                image_embeds, text_embeds, sample_ids, update_normalizer, rho
+            )
+        return NeuCLIPOutput(
+            loss=loss,
+            logits_per_image=logits_per_text.T,
+            logits_per_text=logits_per_text,
+            text_embeds=text_embeds,
+            image_embeds=image_embeds,
+            text_model_output=text_output,
+            vision_model_output=image_output,
+            loss_components=components,
+            normalizer_diagnostics=diagnostics,
+            logit_scale=self.logit_scale,
+        )
+
+    @classmethod
+    def from_clip_pretrained(cls, pretrained_model_name_or_path, **overrides) -> "NeuCLIPModel":
+        """Build a NeuCLIP model from any `CLIPModel` checkpoint: encoders loaded, only the normaliser new.
+
+        Args:
+            pretrained_model_name_or_path: A local directory or Hub id in `CLIPModel` layout
+                (e.g. `openai/clip-vit-base-patch32`); a NeuCLIP checkpoint works too.
+            **overrides: NeuCLIPConfig fields (e.g. `objective="fastclip"`, `neuclip_num_prototypes=1024`) and
+                `from_pretrained` loading arguments (`revision`, `cache_dir`, `token`, `dtype`, ...).
+        """
+        load_kwargs = {k: overrides.pop(k) for k in list(overrides) if k in _LOADING_KWARGS}
+        config_kwargs = {k: load_kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only", "subfolder")
+                         if k in load_kwargs}
+        source = AutoConfig.from_pretrained(pretrained_model_name_or_path, **config_kwargs)
+        config = NeuCLIPConfig.from_clip_config(source, **overrides)
+        return cls.from_pretrained(pretrained_model_name_or_path, config=config, **load_kwargs)
+
+
+__all__ = ["NeuCLIPModel", "NeuCLIPOutput", "NormalizerEstimator"]

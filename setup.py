@@ -1,0 +1,46 @@
+"""Packaging for neuclip_hf: efficient CLIP pretraining (NeuCLIP, AmorLIP, FastCLIP, SigLIP) on Hugging Face."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).parent
+VERSION = {}
+exec((ROOT / "neuclip_hf" / "version.py").read_text(), VERSION)
+
+setup(
+    name="neuclip_hf",
+    version=VERSION["__version__"],
+    description="NeuCLIP and its baselines (CLIP, SigLIP, FastCLIP, AmorLIP) for Hugging Face transformers",
+    long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["neuclip_hf", "neuclip_hf.*"]),
+    package_data={"neuclip_hf": ["assets/*", "metrics/*/*.py", "templates/*"]},
+    include_package_data=True,
+    # torch is deliberately not listed first-class: install the wheel for your platform before this package
+    # (CPU: `pip install torch==2.13.0`), otherwise pip may pull a multi-GB CUDA build. torchvision is not needed.
+    install_requires=[
+        "torch>=2.4",
+        "transformers>=5.23,<6",
+        "accelerate>=1.10",
+        "datasets>=4.0",
+        "peft>=0.17",
+        "evaluate>=0.4",
+        "huggingface_hub>=1.0",
+        "safetensors>=0.4",
+        "pillow>=10",
+        "tqdm",
+        "pyyaml",
+        "numpy",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "matplotlib>=3.8", "tensorboard>=2.15"],
+        "bench": ["matplotlib>=3.8"],
+    },
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)

@@ -1,0 +1,39 @@
+"""Tiny models and batches shared by the tests (import after conftest has made the Hub offline)."""
+
+import torch
+
+from neuclip_hf import NeuCLIPConfig
+
+# A 100-token vocabulary with bos 0 / eos 1 (pad = eos): CLIP pools at the first eos, so ids must agree.
+TINY_TEXT = dict(
+    vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+    max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+)
+TINY_VISION = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=16, patch_size=8
+)
+OBJECTIVES = ("clip", "siglip", "fastclip", "amorlip", "neuclip")
+
+
+def tiny_config(objective: str = "neuclip", **overrides) -> NeuCLIPConfig:
+    """A ~75k-parameter NeuCLIP config (16-d embeddings)."""
+    values = dict(
+        text_config=TINY_TEXT, vision_config=TINY_VISION, projection_dim=16, objective=objective,
+        fastclip_dataset_size=64, neuclip_num_prototypes=32, amorlip_epoch_steps=4,
+    )
+    values.update(overrides)
+    return NeuCLIPConfig(**values)
+
+
+def tiny_batch(batch_size: int = 8, seq_len: int = 10, image_size: int = 16, seed: int = 0) -> dict:
+    """Random token ids ending in eos, random pixels and sample ids."""
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(2, 100, (batch_size, seq_len), generator=generator)
+    input_ids[:, -1] = 1
+    pixel_values = torch.randn(batch_size, 3, image_size, image_size, generator=generator)
+    return {"input_ids": input_ids, "pixel_values": pixel_values, "sample_ids": torch.arange(batch_size)}
+
+
+def unit_vectors(n: int, dim: int, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.nn.functional.normalize(torch.randn(n, dim, generator=generator), dim=-1)

@@ -1,0 +1,312 @@
+"""Each estimator on frozen features: exactness where it must be exact, convergence where it learns."""
+
+import copy
+import math
+
+import pytest
+import torch
+from helpers import tiny_config, unit_vectors
+
+from neuclip_hf.normalizers import (
+    AmortizedNormalizer,
+    MovingAverageNormalizer,
+    PrototypeNormalizer,
+    build_normalizer,
+)
+from neuclip_hf.objectives import NormalizerInputs, log_partition_sum
+
+EPS = 1e-6
+
+
+def clustered_pairs(n=256, dim=16, clusters=8, noise=0.5, seed=0):
+    """Image/text embeddings scattered around shared cluster centres (like class-conditioned CLIP features)."""
+    generator = torch.Generator().manual_seed(seed)
+    centres = torch.nn.functional.normalize(torch.randn(clusters, dim, generator=generator), dim=-1)
+    labels = torch.randint(0, clusters, (n,), generator=generator)
+    image = torch.nn.functional.normalize(centres[labels] + noise * torch.randn(n, dim, generator=generator), dim=-1)
+    text = torch.nn.functional.normalize(centres[labels] + noise * torch.randn(n, dim, generator=generator), dim=-1)
+    return image, text
+
+
+def inputs_for(image, text, temperature, ids=None):
+    return NormalizerInputs.from_embeddings(image, text, torch.tensor(temperature), EPS, sample_ids=ids)
+
+
+def exact_log_normalizers(image, text, temperature):
+    full = inputs_for(image, text, temperature)
+    return torch.stack([full.log_g_image, full.log_g_text])
+
+
+def random_batches(n, batch_size, steps, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        yield torch.randperm(n, generator=generator)[:batch_size]
+
+
+# -- NeuCLIP ---------------------------------------------------------------------------------------------------
+def test_restart_from_batch_reproduces_in_batch_normalizer_up_to_the_positive_term():
+    """With W = the batch's other-modality embeddings (m = B), alpha_i = log(eps + ((B-1) ghat_i + 1) / B).
+
+    The two terms that differ from the in-batch log(eps + ghat_i): the prototype of the positive itself adds
+    exp(0) = 1, and the mean runs over B prototypes instead of B - 1 negatives.
+    """
+    batch_size = 16
+    image, text = unit_vectors(batch_size, 8, 0), unit_vectors(batch_size, 8, 1)
+    normalizer = build_normalizer(
+        tiny_config(projection_dim=8, neuclip_num_prototypes=batch_size, neuclip_restart_source="batch")
+    )
+    inputs = inputs_for(image, text, 0.1)
+    normalizer.restart(inputs)
+    torch.testing.assert_close(normalizer.text_prototypes.data, text)
+    torch.testing.assert_close(normalizer.image_prototypes.data, image)
+    alpha_image, alpha_text = normalizer.estimate(inputs)
+    for alpha, log_g in ((alpha_image, inputs.log_g_image), (alpha_text, inputs.log_g_text)):
+        ghat = torch.exp(log_g) - EPS
+        expected = torch.log(EPS + ((batch_size - 1) * ghat + 1) / batch_size)
+        torch.testing.assert_close(alpha, expected, atol=1e-5, rtol=1e-5)
+        # Removing the positive's term and renormalising recovers the in-batch estimate exactly.
+        recovered = torch.log(EPS + (batch_size * (torch.exp(alpha) - EPS) - 1) / (batch_size - 1))
+        torch.testing.assert_close(recovered, log_g, atol=1e-4, rtol=1e-4)
+
+
+def test_restart_from_bank_uses_the_last_m_embeddings():
+    normalizer = build_normalizer(tiny_config(projection_dim=8, neuclip_num_prototypes=12, neuclip_inner_steps=1))
+    image, text = unit_vectors(40, 8, 0), unit_vectors(40, 8, 1)
+    for start in range(0, 40, 8):  # five batches of 8 -> bank keeps rows 28..39 (in ring order)
+        normalizer._push_bank(inputs_for(image[start:start + 8], text[start:start + 8], 0.1))
+    assert int(normalizer.bank_count) == 12
+    kept = {tuple(row.tolist()) for row in normalizer.text_bank}
+    assert kept == {tuple(row.tolist()) for row in text[28:40]}
+    normalizer.restart(inputs_for(image[:8], text[:8], 0.1))
+    assert {tuple(r.tolist()) for r in normalizer.text_prototypes.data} == kept
+    assert {tuple(r.tolist()) for r in normalizer.image_prototypes.data} == {tuple(r.tolist()) for r in image[28:40]}
+
+
+def test_bank_smaller_than_m_is_cycled_at_the_first_restart():
+    normalizer = build_normalizer(tiny_config(projection_dim=8, neuclip_num_prototypes=20, neuclip_inner_steps=1))
+    image, text = unit_vectors(8, 8, 0), unit_vectors(8, 8, 1)
+    normalizer._push_bank(inputs_for(image, text, 0.1))
+    normalizer.restart(inputs_for(image, text, 0.1))
+    torch.testing.assert_close(normalizer.text_prototypes.data, torch.cat([text, text, text[:4]]))
+
+
+@pytest.mark.parametrize(
+    "schedule, expected",
+    [("constant", [0, 10, 20, 30, 40]), ("doubling", [0, 2, 6, 14, 24, 34])],
+)
+def test_restart_schedule_observed_through_updates(schedule, expected):
+    normalizer = build_normalizer(
+        tiny_config(
+            projection_dim=8, neuclip_num_prototypes=8, neuclip_inner_steps=1, neuclip_restart_period=10,
+            neuclip_restart_schedule=schedule, neuclip_restart_initial_period=2,
+        )
+    )
+    image, text = unit_vectors(8, 8, 0), unit_vectors(8, 8, 1)
+    observed = []
+    for step in range(42):
+        before = normalizer.text_prototypes.detach().clone()
+        diagnostics = normalizer.update(inputs_for(image, text, 0.1))
+        if diagnostics["restart"]:
+            observed.append(step)
+            assert int(normalizer.num_restarts) == len(observed)
+        else:
+            assert not torch.equal(before, torch.zeros_like(before))
+    assert observed == [s for s in expected if s < 42]
+
+
+def test_update_runs_inner_steps_and_resets_adagrad_on_restart():
+    config = tiny_config(projection_dim=8, neuclip_num_prototypes=8, neuclip_inner_steps=3, neuclip_restart_period=4)
+    normalizer = build_normalizer(config)
+    image, text = unit_vectors(8, 8, 0), unit_vectors(8, 8, 1)
+    inputs = inputs_for(image, text, 0.1)
+    steps_seen = []
+    for _ in range(6):
+        normalizer.update(inputs)
+        steps_seen.append(int(normalizer.optimizer.state[normalizer.text_prototypes]["step"]))
+    # AdaGrad counts 3 inner steps per update and starts over at the restart of step 4.
+    assert steps_seen == [3, 6, 9, 12, 3, 6]
+
+
+def test_neuclip_estimate_approaches_exact_full_data_normalizer():
+    """Frozen features, random batches of 32 out of 512: the prototype estimate converges towards the exact
+    dataset-wide log(eps + g), far below the in-batch estimate's error."""
+    n, batch_size, temperature = 512, 32, 0.1
+    image, text = clustered_pairs(n)
+    exact = exact_log_normalizers(image, text, temperature)
+    normalizer = build_normalizer(
+        tiny_config(neuclip_num_prototypes=128, neuclip_learning_rate=0.02, neuclip_restart_period=10**6)
+    )
+    everything = inputs_for(image, text, temperature)
+    errors, in_batch_errors = [], []
+    for step, idx in enumerate(random_batches(n, batch_size, 300)):
+        batch = inputs_for(image[idx], text[idx], temperature)
+        normalizer.update(batch)
+        if step % 50 == 0 or step == 299:
+            errors.append(float(((torch.stack(normalizer.estimate(everything)) - exact) ** 2).mean()))
+            in_batch = torch.stack([batch.log_g_image, batch.log_g_text])
+            in_batch_errors.append(float(((in_batch - exact[:, idx]) ** 2).mean()))
+    assert errors[-1] < 0.3 * errors[0]
+    assert all(later <= earlier * 1.1 for earlier, later in zip(errors, errors[1:]))
+    assert errors[-1] < 0.4 * (sum(in_batch_errors) / len(in_batch_errors))
+
+
+# -- FastCLIP ----------------------------------------------------------------------------------------------------
+def test_fastclip_one_full_batch_pass_with_gamma_one_is_exact():
+    n = 24
+    image, text = unit_vectors(n, 8, 0), unit_vectors(n, 8, 1)
+    normalizer = build_normalizer(
+        tiny_config("fastclip", projection_dim=8, fastclip_dataset_size=n, fastclip_gamma_min=1.0)
+    )
+    normalizer.update(inputs_for(image, text, 0.2, ids=torch.arange(n)))
+    torch.testing.assert_close(normalizer.log_u, exact_log_normalizers(image, text, 0.2))
+
+
+def test_fastclip_moving_average_update_in_log_space():
+    n = 8
+    image, text = unit_vectors(n, 8, 0), unit_vectors(n, 8, 1)
+    normalizer = build_normalizer(
+        tiny_config("fastclip", projection_dim=8, fastclip_dataset_size=n, fastclip_gamma_min=0.3,
+                    fastclip_gamma_decay_epochs=0)
+    )
+    first = inputs_for(image, text, 0.2, ids=torch.arange(n))
+    normalizer.update(first)  # first visit: u = eps + ghat
+    second = inputs_for(text, image, 0.2, ids=torch.arange(n))  # other statistics, same ids
+    normalizer.update(second)
+    expected_u = 0.7 * torch.exp(torch.stack([first.log_g_image, first.log_g_text])) + 0.3 * torch.exp(
+        torch.stack([second.log_g_image, second.log_g_text])
+    )
+    torch.testing.assert_close(normalizer.log_u, torch.log(expected_u), atol=1e-5, rtol=1e-5)
+
+
+def test_fastclip_gamma_schedule():
+    normalizer = build_normalizer(
+        tiny_config("fastclip", fastclip_dataset_size=100, fastclip_gamma_min=0.2, fastclip_gamma_decay_epochs=2)
+    )
+    assert normalizer.gamma(10) == 1.0
+    normalizer.num_updates.fill_(10)  # one epoch of 10 steps of 10 samples
+    assert normalizer.gamma(10) == pytest.approx(0.6)
+    normalizer.num_updates.fill_(25)
+    assert normalizer.gamma(10) == pytest.approx(0.2)
+
+
+def test_fastclip_multi_epoch_average_beats_in_batch():
+    n, batch_size, temperature = 256, 16, 0.1
+    image, text = clustered_pairs(n)
+    exact = exact_log_normalizers(image, text, temperature)
+    normalizer = build_normalizer(
+        tiny_config("fastclip", fastclip_dataset_size=n, fastclip_gamma_min=0.1, fastclip_gamma_decay_epochs=3)
+    )
+    in_batch_error = []
+    for idx in random_batches(n, batch_size, 16 * 20):
+        batch = inputs_for(image[idx], text[idx], temperature, ids=idx)
+        normalizer.update(batch)
+        in_batch_error.append(float(((torch.stack([batch.log_g_image, batch.log_g_text]) - exact[:, idx]) ** 2).mean()))
+    table_error = float(((normalizer.log_u - exact) ** 2).mean())
+    assert table_error < 0.5 * sum(in_batch_error) / len(in_batch_error)
+
+
+def test_fastclip_id_errors_and_map_mode():
+    normalizer = build_normalizer(tiny_config("fastclip", projection_dim=8, fastclip_dataset_size=4))
+    image, text = unit_vectors(4, 8, 0), unit_vectors(4, 8, 1)
+    with pytest.raises(ValueError, match=r"sample id 7 is outside \[0, fastclip_dataset_size=4\)"):
+        normalizer.update(inputs_for(image, text, 0.1, ids=torch.tensor([0, 1, 2, 7])))
+    with pytest.raises(ValueError, match="needs `sample_ids`"):
+        normalizer.update(inputs_for(image, text, 0.1))
+    mapped = build_normalizer(
+        tiny_config("fastclip", projection_dim=8, fastclip_dataset_size=6, fastclip_id_mode="map")
+    )
+    ids = torch.tensor([10**12, -5, 77, 3])
+    mapped.update(inputs_for(image, text, 0.1, ids=ids))
+    assert mapped.slot_ids[:4].tolist() == ids.tolist() and int(mapped.num_slots) == 4
+    # The map survives a state_dict round trip (it is rebuilt from the buffers).
+    clone = build_normalizer(tiny_config("fastclip", projection_dim=8, fastclip_dataset_size=6, fastclip_id_mode="map"))
+    clone.load_state_dict(mapped.state_dict())
+    assert clone._slots(torch.tensor([77, 10**12]), assign=False).tolist() == [2, 0]
+    with pytest.raises(ValueError, match="more distinct sample ids than fastclip_dataset_size=6"):
+        mapped.update(inputs_for(image, text, 0.1, ids=torch.tensor([1, 2, 4, 5])))
+
+
+def test_fastclip_unseen_ids_fall_back_to_in_batch():
+    normalizer = build_normalizer(tiny_config("fastclip", projection_dim=8, fastclip_dataset_size=10))
+    image, text = unit_vectors(4, 8, 0), unit_vectors(4, 8, 1)
+    inputs = inputs_for(image, text, 0.1, ids=torch.tensor([0, 1, 2, 3]))
+    alpha_image, alpha_text = normalizer.estimate(inputs)
+    torch.testing.assert_close(alpha_image, inputs.log_g_image)
+    torch.testing.assert_close(alpha_text, inputs.log_g_text)
+
+
+# -- AmorLIP -----------------------------------------------------------------------------------------------------
+def test_amorlip_online_networks_converge_to_their_target_on_frozen_features():
+    batch_size, temperature = 32, 0.1
+    image, text = clustered_pairs(batch_size, seed=3)
+    normalizer = build_normalizer(
+        tiny_config("amorlip", amorlip_epoch_steps=10**6, amorlip_hidden_factor=2.0, amorlip_learning_rate=3e-3)
+    )
+    normalizer.reset_parameters()
+    inputs = inputs_for(image, text, temperature)
+    scale = 1 / temperature
+    target_image = log_partition_sum(scale * image @ text.T, torch.arange(batch_size), 1.0)
+    target_text = log_partition_sum(scale * text @ image.T, torch.arange(batch_size), 1.0)
+    with torch.no_grad():
+        start = float(((normalizer.online.image(image) - target_image) ** 2).mean())
+    for _ in range(300):
+        normalizer.update(inputs)
+    with torch.no_grad():
+        end_image = float(((normalizer.online.image(image) - target_image) ** 2).mean())
+        end_text = float(((normalizer.online.text(text) - target_text) ** 2).mean())
+    assert end_image < 1e-2 * start and end_image < 0.05 and end_text < 0.05
+    # The EMA target follows the online network.
+    with torch.no_grad():
+        assert float(((normalizer.target.image(image) - target_image) ** 2).mean()) < 0.1
+
+
+def test_amorlip_epoch_boundary_snapshots_target_and_reinitialises():
+    normalizer = build_normalizer(tiny_config("amorlip", amorlip_epoch_steps=3, amorlip_beta_ramp_epochs=2))
+    normalizer.reset_parameters()
+    image, text = clustered_pairs(16)
+    inputs = inputs_for(image, text, 0.1)
+    for _ in range(3):
+        normalizer.update(inputs)
+    target_before = {k: v.clone() for k, v in normalizer.target.state_dict().items()}
+    online_before = {k: v.clone() for k, v in normalizer.online.state_dict().items()}
+    normalizer.update(inputs)  # step 3 starts epoch 1
+    assert bool(normalizer.has_previous)
+    for key, value in normalizer.previous.state_dict().items():
+        torch.testing.assert_close(value, target_before[key])
+    assert not torch.equal(normalizer.online.image.fc1.weight, online_before["image.fc1.weight"])
+    assert float(normalizer.beta) == pytest.approx(0.8 * 0.5 * (1 - math.cos(math.pi / 2)))
+
+
+def test_amorlip_blend_estimate_is_in_batch_in_epoch_zero_and_converts_to_mean_form():
+    """In epoch 0 (beta = 0) the blended estimate is the exact batch partition sum; converted to the mean form
+    it equals log(eps + ghat) (the positive weight is subtracted and the sum divided by B - 1)."""
+    normalizer = build_normalizer(tiny_config("amorlip"))
+    image, text = clustered_pairs(16)
+    inputs = inputs_for(image, text, 0.1)
+    normalizer.update(inputs)
+    alpha_image, alpha_text = normalizer.estimate(inputs)
+    torch.testing.assert_close(alpha_image, inputs.log_g_image, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(alpha_text, inputs.log_g_text, atol=1e-4, rtol=1e-4)
+
+
+# -- shared contract ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("cls", [PrototypeNormalizer, AmortizedNormalizer, MovingAverageNormalizer])
+def test_state_round_trip_continues_identically(cls):
+    config = tiny_config(cls.objective)
+    normalizer = build_normalizer(config)
+    normalizer.reset_parameters()
+    image, text = clustered_pairs(16)
+    ids = torch.arange(16)
+    normalizer.update(inputs_for(image, text, 0.1, ids))
+    clone = build_normalizer(config)
+    clone.load_state_dict(normalizer.state_dict())
+    if normalizer.optimizer is not None:
+        # deepcopy: an in-memory optimizer state_dict shares its tensors with the source optimizer
+        clone.optimizer.load_state_dict(copy.deepcopy(normalizer.optimizer.state_dict()))
+    # The same next update on both gives bit-identical state: nothing lives outside state_dict / optimizer.
+    next_inputs = inputs_for(text, image, 0.1, ids)
+    normalizer.update(next_inputs)
+    clone.update(next_inputs)
+    for (name, a), b in zip(normalizer.state_dict().items(), clone.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert not inputs_for(image * float("nan"), text, 0.1, ids).is_finite()
