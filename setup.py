@@ -33,6 +33,7 @@ setup(
         "pillow>=10",
         "tqdm",
         "pyyaml",
+        "torchdata>=0.10",  # StatefulDataLoader: exact resume of streaming input across DataLoader workers
         "numpy",
     ],
     extras_require={

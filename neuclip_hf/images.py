@@ -1,0 +1,125 @@
+"""Decoding and validation of one image-caption sample, shared by training input and evaluation.
+
+Bad samples raise `BadSampleError` with a `reason` from `BAD_SAMPLE_REASONS`; callers skip and count them (the
+documented policy) instead of crashing a DataLoader worker.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+BAD_SAMPLE_REASONS = (
+    "image_missing",
+    "image_undecodable",
+    "image_truncated",
+    "image_too_small",
+    "image_too_large",
+    "caption_missing",
+    "caption_empty",
+    "caption_not_utf8",
+)
+DEFAULT_MIN_SIDE = 8
+DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb threshold (about 9.5k x 9.5k)
+
+
+class BadSampleError(ValueError):
+    """A sample that cannot be used; `reason` is one of `BAD_SAMPLE_REASONS`."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        if reason not in BAD_SAMPLE_REASONS:
+            raise ValueError(f"unknown bad-sample reason {reason!r}")
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+def _open(value) -> Image.Image:
+    if isinstance(value, Image.Image):
+        return value
+    if isinstance(value, dict):  # datasets' Image feature undecoded: {"bytes": ..., "path": ...}
+        value = value.get("bytes") or value.get("path")
+    if value is None:
+        raise BadSampleError("image_missing")
+    if isinstance(value, np.ndarray):
+        return Image.fromarray(value)
+    if isinstance(value, (str, Path)):
+        return Image.open(value)
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        if len(value) == 0:
+            raise BadSampleError("image_missing", "empty bytes")
+        return Image.open(io.BytesIO(bytes(value)))
+    raise BadSampleError("image_undecodable", f"unsupported image value of type {type(value).__name__}")
+
+
+def to_rgb(image: Image.Image, background=(255, 255, 255)) -> Image.Image:
+    """RGB from any PIL mode: gray, 16-bit and float are scaled, palette and alpha composited on `background`."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        low, high = float(array.min()), float(array.max())
+        array = (array - low) / (high - low) * 255 if high > low else np.zeros_like(array)
+        return Image.fromarray(array.astype(np.uint8), mode="L").convert("RGB")
+    if image.mode == "P":
+        image = image.convert("RGBA") if "transparency" in image.info else image.convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (*background, 255))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    return image.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
+
+
+def load_image(value, min_side: int = DEFAULT_MIN_SIDE, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode an image (bytes, {"bytes", "path"} dict, path, array or PIL image) into an RGB PIL image.
+
+    Raises:
+        BadSampleError: missing, undecodable or truncated data, a side below `min_side`, or more than `max_pixels`
+            pixels (checked from the header, before decoding: decompression bombs are never expanded).
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = _open(value)
+            width, height = image.size
+            if width * height > max_pixels:
+                raise BadSampleError("image_too_large", f"{width}x{height} > {max_pixels} pixels")
+            image.load()
+    except BadSampleError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise BadSampleError("image_too_large", str(error)) from None
+    except UnidentifiedImageError as error:
+        raise BadSampleError("image_undecodable", str(error)) from None
+    except OSError as error:  # PIL reports cut-off files as OSError("image file is truncated ...")
+        reason = "image_truncated" if "truncated" in str(error).lower() else "image_undecodable"
+        raise BadSampleError(reason, str(error)) from None
+    except (ValueError, SyntaxError) as error:
+        raise BadSampleError("image_undecodable", str(error)) from None
+    if min(width, height) < min_side:
+        raise BadSampleError("image_too_small", f"{width}x{height}, minimum side {min_side}")
+    return to_rgb(image)
+
+
+def load_caption(value) -> str:
+    """A stripped caption from str or UTF-8 bytes.
+
+    Raises:
+        BadSampleError: missing, empty (after stripping) or not valid UTF-8.
+    """
+    if value is None:
+        raise BadSampleError("caption_missing")
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        try:
+            value = bytes(value).decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise BadSampleError("caption_not_utf8", str(error)) from None
+    if not isinstance(value, str):
+        raise BadSampleError("caption_missing", f"caption of type {type(value).__name__}")
+    caption = value.strip()
+    if not caption:
+        raise BadSampleError("caption_empty")
+    return caption
