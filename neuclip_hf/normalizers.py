@@ -107,6 +107,16 @@ class Normalizer(nn.Module):
         self._optimizer = self._make_optimizer(params, self._learning_rate)
         return self._optimizer
 
+    def ensure_optimizer(self, lr: float | None = None) -> torch.optim.Optimizer | None:
+        """Build the optimizer if needed (keeping an existing one and its state), then apply `lr` if given."""
+        if self._optimizer is None:
+            return self.build_optimizer(lr)
+        if lr is not None:
+            self._learning_rate = lr
+            for group in self._optimizer.param_groups:
+                group["lr"] = lr
+        return self._optimizer
+
     @property
     def optimizer(self) -> torch.optim.Optimizer | None:
         """The normaliser's optimizer, built on first use."""

@@ -1,0 +1,472 @@
+"""NeuCLIPTrainer: Hugging Face `Trainer` with the alternating normaliser / encoder updates.
+
+Per optimizer step (one DDP forward, one backward):
+  1. encoders forward (DDP-wrapped, autocast under bf16/fp16), local embeddings gathered with autograd;
+  2. the normaliser updates its own state from the detached global batch (NeuCLIP: restart rule then T_u AdaGrad
+     steps; AmorLIP: its Stage I schedule and EMA; FastCLIP: the table rows of the batch's sample ids) — this runs
+     inside `NeuCLIPModel.forward(update_normalizer=True)` with the normaliser's own optimizer, and is identical on
+     every rank because every rank sees the same gathered batch;
+  3. the encoder loss with the estimate detached, backward, AdamW step on encoders and temperature;
+  4. clamp 1/T <= 100, FastCLIP's temperature learning-rate threshold, the normaliser's scheduler step.
+
+The normaliser's parameters are never in the encoder optimizer, never in the encoder gradient clipping (they never
+hold a `.grad`) and never in DDP's gradient averaging (`NeuCLIPModel.ddp_ignored_state_names`).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.optimization import get_scheduler
+from transformers.trainer_utils import rotate_checkpoints
+from transformers.utils import logging
+
+from .checkpointing import resolve_resume_checkpoint, write_marker
+from .distributed import rank_and_world_size
+from .images import BAD_SAMPLE_REASONS
+from .normalizers import Normalizer
+
+logger = logging.get_logger(__name__)
+
+NORMALIZER_STATE_NAME = "normalizer_optimizer.pt"
+DATA_STATE_NAME = "data_state_rank{rank}.pt"
+
+
+@dataclass
+class NeuCLIPTrainingArguments(TrainingArguments):
+    """`TrainingArguments` plus what the normaliser methods need; defaults follow the published CLIP recipes.
+
+    Gradient accumulation is refused: the global objectives and the estimators need the whole global batch in one
+    step (their normaliser is a function of the batch), and NeuCLIP's point is to need no huge batch.
+    """
+
+    normalizer_learning_rate: float | None = field(
+        default=None, metadata={"help": "Learning rate of the normaliser's own optimizer (default: the config's)."}
+    )
+    normalizer_lr_scheduler_type: str = field(
+        default="constant", metadata={"help": "Scheduler of the normaliser's optimizer (a transformers scheduler)."}
+    )
+    temperature_learning_rate: float | None = field(
+        default=None,
+        metadata={"help": "Own constant learning rate of the temperature (FastCLIP: 1e-4 to 2e-4); None: the encoder "
+                          "schedule, as OpenCLIP does."},
+    )
+    temperature_lr_threshold: float = field(
+        default=0.03, metadata={"help": "FastCLIP's rule: multiply the temperature lr by the factor once T <= this."}
+    )
+    temperature_lr_factor: float = field(default=1 / 3, metadata={"help": "See temperature_lr_threshold."})
+    rho_schedule: list[float] | None = field(
+        default=None,
+        metadata={"help": "Piecewise-constant rho over equal segments of the run, e.g. `6.5 6.5 6.5 -8.0` (AmorLIP's "
+                          "annealing: the last quarter negative). Default: the config's rho throughout."},
+    )
+    max_consecutive_nonfinite: int = field(
+        default=5, metadata={"help": "Stop after this many consecutive steps with a non-finite loss or estimate."}
+    )
+    # Defaults changed from TrainingArguments (published CLIP recipes: AdamW beta2 0.98, eps 1e-6, cosine, clip 1).
+    output_dir: str | None = field(default="outputs/neuclip", metadata={"help": "Where checkpoints are written."})
+    learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate of the encoders."})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay (not on biases, norms, 1-D, T)."})
+    adam_beta2: float = field(default=0.98, metadata={"help": "AdamW beta2."})
+    adam_epsilon: float = field(default=1e-6, metadata={"help": "AdamW epsilon."})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "Encoder learning-rate schedule."})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep `sample_ids` in the batch."})
+    ddp_find_unused_parameters: bool | None = field(default=False, metadata={"help": "All encoder weights are used."})
+    logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
+    dataloader_drop_last: bool = field(default=True, metadata={"help": "Equal batches on every rank."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.gradient_accumulation_steps != 1:
+            raise ValueError(
+                f"--gradient_accumulation_steps={self.gradient_accumulation_steps} is not supported: the global "
+                "objectives and normaliser estimators need the whole global batch in one step. Raise "
+                "--per_device_train_batch_size or the number of processes instead (NeuCLIP is designed for small "
+                "batches)."
+            )
+        for name in ("learning_rate", "normalizer_learning_rate", "temperature_learning_rate"):
+            value = getattr(self, name)
+            if value is not None and not value >= 0:
+                raise ValueError(f"--{name}={value} is invalid: a learning rate must be >= 0")
+        if self.per_device_train_batch_size * max(self.world_size, 1) < 2:
+            raise ValueError(
+                f"--per_device_train_batch_size={self.per_device_train_batch_size} with {self.world_size} process(es) "
+                "gives a global batch of 1: contrastive objectives need at least 2 pairs"
+            )
+        if self.max_consecutive_nonfinite < 1:
+            raise ValueError(f"--max_consecutive_nonfinite={self.max_consecutive_nonfinite} must be >= 1")
+        if self.rho_schedule is not None and len(self.rho_schedule) == 0:
+            raise ValueError("--rho_schedule needs at least one value")
+
+
+class TemperatureThresholdLR:
+    """Per-group learning-rate factor of the temperature: 1 until T first drops to the threshold, then `factor`.
+
+    A plain object (not a closure), so `LambdaLR.state_dict()` stores its `crossed` flag and resume is exact.
+    """
+
+    def __init__(self, threshold: float, factor: float):
+        self.threshold = threshold
+        self.factor = factor
+        self.crossed = False
+
+    def observe(self, temperature: float) -> None:
+        self.crossed = self.crossed or temperature <= self.threshold
+
+    def __call__(self, step: int) -> float:
+        return self.factor if self.crossed else 1.0
+
+
+def find_normalizer(model: torch.nn.Module) -> Normalizer:
+    """The normaliser that the model's forward uses (works through DDP, PEFT and `modules_to_save` wrappers)."""
+    found = [m for m in model.modules() if isinstance(m, Normalizer)]
+    if not found:
+        raise TypeError(f"{type(model).__name__} has no normaliser: NeuCLIPTrainer trains NeuCLIPModel")
+    if len(found) > 1:  # PEFT's modules_to_save keeps a frozen original next to the trained copy
+        trainable = [m for m in found if any(p.requires_grad for p in m.parameters())]
+        found = trainable or found
+    return found[-1]
+
+
+class _AfterOptimizerStep(TrainerCallback):
+    """Runs the trainer's post-step work right after the encoder optimizer step (before the lr scheduler step)."""
+
+    def __init__(self, trainer: "NeuCLIPTrainer"):
+        self.trainer = trainer
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer.after_optimizer_step()
+
+
+class NeuCLIPTrainer(Trainer):
+    """Trainer for `NeuCLIPModel` with any objective (`model.config.objective`).
+
+    Args:
+        model: A `NeuCLIPModel` (optionally PEFT-wrapped).
+        args: `NeuCLIPTrainingArguments`.
+        train_loader_factory: Optional callable returning the training DataLoader (e.g. the streaming
+            `StatefulDataLoader` of `neuclip_hf.data`); it is used as is (not re-sharded by Accelerate) and, if it
+            has `state_dict()`, its position is saved in every checkpoint and restored on resume.
+        **kwargs: Everything `Trainer` accepts (`train_dataset`, `eval_dataset`, `data_collator`,
+            `processing_class`, `callbacks`, ...).
+    """
+
+    loss_is_scaled_for_ga = False  # the contrastive loss is a mean over the local anchors, never pre-scaled
+
+    def __init__(self, model=None, args: NeuCLIPTrainingArguments | None = None, *,
+                 train_loader_factory: Callable[[], Any] | None = None, **kwargs):
+        if args is None:
+            args = NeuCLIPTrainingArguments()
+        if not isinstance(args, NeuCLIPTrainingArguments):
+            raise TypeError(f"NeuCLIPTrainer needs NeuCLIPTrainingArguments, got {type(args).__name__}")
+        self._check_output_dir(args.output_dir)
+        super().__init__(model=model, args=args, **kwargs)
+        self._train_loader_factory = train_loader_factory
+        self._train_loader = None
+        self._resume_checkpoint: str | None = None
+        self._defer_rng_restore = False
+        self._pending_rng_checkpoint: str | None = None
+        streaming = train_loader_factory is not None or (
+            self.train_dataset is not None and not hasattr(self.train_dataset, "__len__")
+        )
+        if streaming and args.max_steps <= 0:
+            raise ValueError("--max_steps must be set (> 0) when the training data is a stream without a length")
+        self.temperature_lr: TemperatureThresholdLR | None = None
+        self.normalizer_scheduler = None
+        self._nonfinite_streak = 0
+        self._nonfinite_total = 0
+        self._reset_metric_accumulators()
+        self.add_callback(_AfterOptimizerStep(self))
+
+    @staticmethod
+    def _check_output_dir(output_dir: str) -> None:
+        try:
+            os.makedirs(output_dir, exist_ok=True)
+            probe = os.path.join(output_dir, f".write-test-{os.getpid()}")
+            with open(probe, "w") as f:
+                f.write("ok")
+            os.remove(probe)
+        except OSError as error:
+            raise ValueError(f"--output_dir={output_dir!r} cannot be written: {error}") from None
+
+    # -- model parts ----------------------------------------------------------------------------------------------
+    @property
+    def core_model(self):
+        """The NeuCLIPModel inside any DDP / PEFT wrappers."""
+        model = self.accelerator.unwrap_model(self.model)
+        return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+    @property
+    def normalizer(self) -> Normalizer:
+        return find_normalizer(self.model)
+
+    # -- data -----------------------------------------------------------------------------------------------------
+    def get_train_dataloader(self):
+        if self._train_loader_factory is None:
+            return super().get_train_dataloader()
+        loader = self._train_loader_factory()
+        self._train_loader = loader
+        if self._resume_checkpoint is not None and hasattr(loader, "load_state_dict"):
+            rank, world_size = rank_and_world_size()
+            path = os.path.join(self._resume_checkpoint, DATA_STATE_NAME.format(rank=rank))
+            if os.path.isfile(path):
+                loader.load_state_dict(torch.load(path, weights_only=True))
+                # The stream resumes from its saved position: the Trainer must not also skip batches, and the RNG
+                # state is restored at the first step, after the Trainer has created the data iterator (creating
+                # it draws from the global RNG).
+                self.args.ignore_data_skip = True
+                self._defer_rng_restore = True
+                logger.info(f"Restored the data stream position of rank {rank} from {path}")
+            else:
+                logger.warning(
+                    f"No data position for rank {rank} in {self._resume_checkpoint} (was the world size different?); "
+                    "the Trainer will skip the consumed batches by re-reading them."
+                )
+        return loader
+
+    # -- optimizers -----------------------------------------------------------------------------------------------
+    def get_decay_parameter_names(self, model) -> list[str]:
+        # Published CLIP recipes: no weight decay on biases, norms, any 1-D tensor, nor the temperature.
+        names = super().get_decay_parameter_names(model)
+        shapes = dict(model.named_parameters())
+        return [n for n in names if shapes[n].ndim >= 2 and not n.endswith("logit_scale")]
+
+    def create_optimizer(self, model=None):
+        opt_model = self.model if model is None else model
+        normalizer = find_normalizer(opt_model)
+        if self.optimizer is None:
+            estimator_params = {id(p) for p in normalizer.estimator_parameters()}
+            decay = set(self.get_decay_parameter_names(opt_model))
+            groups: dict[str, list] = {"decay": [], "no_decay": [], "temperature": []}
+            for name, param in opt_model.named_parameters():
+                if not param.requires_grad or id(param) in estimator_params:
+                    continue  # the normaliser's own optimizer trains these
+                key = "temperature" if name.endswith("logit_scale") else "decay" if name in decay else "no_decay"
+                groups[key].append(param)
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+            temperature_lr = self.args.temperature_learning_rate
+            param_groups = [
+                {"params": groups["decay"], "weight_decay": self.args.weight_decay, "group": "decay"},
+                {"params": groups["no_decay"], "weight_decay": 0.0, "group": "no_decay"},
+                {"params": groups["temperature"], "weight_decay": 0.0, "group": "temperature",
+                 **({"lr": temperature_lr} if temperature_lr is not None else {})},
+            ]
+            self.optimizer = optimizer_cls([g for g in param_groups if g["params"]], **optimizer_kwargs)
+        normalizer.ensure_optimizer(self.args.normalizer_learning_rate)
+        return self.optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        scheduler = super().create_scheduler(num_training_steps, optimizer)
+        if self.args.temperature_learning_rate is not None:
+            if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+                raise ValueError(
+                    f"--temperature_learning_rate needs a LambdaLR-based --lr_scheduler_type, got {type(scheduler)}"
+                )
+            groups = [g.get("group") for g in scheduler.optimizer.param_groups]
+            if "temperature" in groups:
+                index = groups.index("temperature")
+                self.temperature_lr = TemperatureThresholdLR(
+                    self.args.temperature_lr_threshold, self.args.temperature_lr_factor
+                )
+                # The temperature keeps its own constant learning rate (no warm-up, no cosine), as in FastCLIP.
+                scheduler.lr_lambdas[index] = self.temperature_lr
+                group = scheduler.optimizer.param_groups[index]
+                group["lr"] = group["initial_lr"] * self.temperature_lr(scheduler.last_epoch)
+        normalizer = self.normalizer
+        if normalizer.optimizer is not None and self.normalizer_scheduler is None:
+            self.normalizer_scheduler = get_scheduler(
+                self.args.normalizer_lr_scheduler_type, optimizer=normalizer.optimizer,
+                num_warmup_steps=0, num_training_steps=num_training_steps,
+            )
+        return scheduler
+
+    # -- the training step ----------------------------------------------------------------------------------------
+    def current_rho(self) -> float | None:
+        """rho of the current step under `--rho_schedule` (None: the config's rho)."""
+        schedule = self.args.rho_schedule
+        if not schedule:
+            return None
+        total = max(self.state.max_steps, 1)
+        return float(schedule[min(self.state.global_step * len(schedule) // total, len(schedule) - 1)])
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Evaluation loss: the objective with the current estimate (the normaliser is not updated)."""
+        inputs = {k: v for k, v in inputs.items() if k != "data_stats"}
+        outputs = model(**inputs, return_loss=True, rho=self.current_rho())
+        return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        if self._defer_rng_restore and checkpoint is not None:
+            self._pending_rng_checkpoint = checkpoint
+            return
+        super()._load_rng_state(checkpoint)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if self._pending_rng_checkpoint is not None:
+            self._defer_rng_restore = False
+            self._load_rng_state(self._pending_rng_checkpoint)
+            self._pending_rng_checkpoint = None
+        model.train()
+        self._accumulate_data_stats(inputs.pop("data_stats", None))
+        inputs = self._prepare_inputs(inputs)
+        rho = self.current_rho()
+        with self.compute_loss_context_manager():
+            outputs = model(**inputs, return_loss=True, update_normalizer=True, rho=rho)
+        loss = outputs.loss
+        # Every rank must take the same decision, or DDP would deadlock: skip the step if ANY rank is non-finite.
+        finite = self._all_ranks(torch.isfinite(loss.detach()))
+        self.accelerator.backward(loss)  # also on a bad step, so every rank joins DDP's gradient reduction
+        if not finite:
+            model.zero_grad(set_to_none=True)  # no gradient -> AdamW leaves every weight and moment unchanged
+            self._handle_nonfinite_step(outputs)
+            return loss.detach()
+        self._nonfinite_streak = 0
+        self._accumulate_step_metrics(outputs, rho)
+        return loss.detach()
+
+    def _all_ranks(self, flag: torch.Tensor) -> bool:
+        flag = flag.to(self.args.device, torch.float32).reshape(1)
+        if self.accelerator.num_processes > 1:
+            flag = self.accelerator.reduce(flag, reduction="sum") / self.accelerator.num_processes
+        return bool(flag.item() == 1.0)
+
+    def _handle_nonfinite_step(self, outputs) -> None:
+        self._nonfinite_streak += 1
+        self._nonfinite_total += 1
+        parts = {"loss": outputs.loss, **(outputs.loss_components or {}), **(outputs.normalizer_diagnostics or {})}
+        bad = sorted(name for name, value in parts.items() if torch.is_tensor(value) and not torch.isfinite(value).all())
+        if outputs.image_embeds is not None and not torch.isfinite(outputs.image_embeds).all():
+            bad.append("image_embeds")
+        if outputs.text_embeds is not None and not torch.isfinite(outputs.text_embeds).all():
+            bad.append("text_embeds")
+        step = self.state.global_step + 1
+        logger.warning(f"step {step}: non-finite {', '.join(bad) or 'loss on another rank'}; step skipped")
+        if self._nonfinite_streak >= self.args.max_consecutive_nonfinite:
+            raise RuntimeError(
+                f"training stopped at step {step}: {self._nonfinite_streak} consecutive steps with a non-finite "
+                f"loss or estimate (last non-finite components: {', '.join(bad) or 'on another rank'}). Lower the "
+                "learning rate, enable gradient clipping, or check the input data."
+            )
+
+    def after_optimizer_step(self) -> None:
+        """Clamp the temperature, apply the temperature lr threshold, step the normaliser's scheduler."""
+        core = self.core_model
+        core.clamp_logit_scale_()
+        if self.temperature_lr is not None:
+            self.temperature_lr.observe(core.temperature)
+        if self.normalizer_scheduler is not None:
+            self.normalizer_scheduler.step()
+
+    # -- logging --------------------------------------------------------------------------------------------------
+    def _reset_metric_accumulators(self) -> None:
+        self._metric_sums: dict[str, torch.Tensor] = {}
+        self._metric_steps = 0
+        self._samples_seen = 0
+        self._data_counts = torch.zeros(len(BAD_SAMPLE_REASONS) + 1, dtype=torch.float64)
+        self._last_log_time = time.time()
+
+    def _accumulate_step_metrics(self, outputs, rho: float | None) -> None:
+        values = {f"loss_{k}": v for k, v in (outputs.loss_components or {}).items()}
+        values["rho"] = torch.tensor(self.core_model.config.rho if rho is None else rho)
+        values.update({f"normalizer_{k}": v for k, v in (outputs.normalizer_diagnostics or {}).items()})
+        for name, value in values.items():
+            value = value.detach().float().to(self.args.device)
+            self._metric_sums[name] = self._metric_sums.get(name, 0) + value
+        self._metric_steps += 1
+        self._samples_seen += int(outputs.image_embeds.shape[0]) * self.accelerator.num_processes
+
+    def _accumulate_data_stats(self, stats: dict | None) -> None:
+        if not stats:
+            return
+        counts = [stats.get("read", 0)] + [stats.get(reason, 0) for reason in BAD_SAMPLE_REASONS]
+        self._data_counts += torch.tensor(counts, dtype=torch.float64)
+
+    def _drain_metrics(self) -> dict[str, float]:
+        logs: dict[str, float] = {}
+        names = sorted(self._metric_sums)
+        if names:
+            stacked = torch.stack([self._metric_sums[n] for n in names]) / max(self._metric_steps, 1)
+            if self.accelerator.num_processes > 1:
+                stacked = self.accelerator.reduce(stacked, reduction="mean")
+            for name, value in zip(names, stacked.tolist()):
+                # restart events and skipped batches are counts, not averages
+                is_count = name in ("normalizer_restart", "normalizer_nonfinite")
+                logs[name] = round(value * self._metric_steps) if is_count else value
+        counts = self._data_counts.to(self.args.device)
+        if self.accelerator.num_processes > 1:
+            counts = self.accelerator.reduce(counts, reduction="sum")
+        counts = counts.tolist()
+        if counts[0] > 0:
+            logs["data_samples_read"] = counts[0]
+            for reason, count in zip(BAD_SAMPLE_REASONS, counts[1:]):
+                if count:
+                    logs[f"data_skipped_{reason}"] = count
+        elapsed = max(time.time() - self._last_log_time, 1e-9)
+        logs["samples_per_second"] = round(self._samples_seen / elapsed, 2)
+        logs["temperature"] = self.core_model.temperature
+        logs["nonfinite_steps_skipped"] = self._nonfinite_total
+        self._reset_metric_accumulators()
+        return logs
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and "train_runtime" not in logs:  # a periodic training log
+            logs.update(self._drain_metrics())
+        super().log(logs, start_time)
+
+    # -- checkpoints ----------------------------------------------------------------------------------------------
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        super()._save_optimizer_and_scheduler(output_dir)
+        normalizer = self.normalizer
+        if self.args.should_save and normalizer.optimizer is not None:
+            state = {"optimizer": normalizer.optimizer.state_dict()}
+            if self.normalizer_scheduler is not None:
+                state["scheduler"] = self.normalizer_scheduler.state_dict()
+            torch.save(state, os.path.join(output_dir, NORMALIZER_STATE_NAME))
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None:
+            return
+        normalizer = self.normalizer
+        path = os.path.join(checkpoint, NORMALIZER_STATE_NAME)
+        if normalizer.optimizer is None:
+            return
+        if not os.path.isfile(path):
+            logger.warning(f"{path} not found: the normaliser's optimizer starts from a fresh state")
+            return
+        state = torch.load(path, map_location=self.args.device, weights_only=True)
+        normalizer.optimizer.load_state_dict(state["optimizer"])
+        if self.normalizer_scheduler is not None and "scheduler" in state:
+            self.normalizer_scheduler.load_state_dict(state["scheduler"])
+
+    def _save_checkpoint(self, model, trial) -> None:
+        # Rotation (deleting old checkpoints) waits until the new checkpoint is complete.
+        limit, self.args.save_total_limit = self.args.save_total_limit, None
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        run_dir = self._get_output_dir(trial=trial)
+        output_dir = os.path.join(run_dir, f"checkpoint-{self.state.global_step}")
+        if self._train_loader is not None and hasattr(self._train_loader, "state_dict"):
+            rank, _ = rank_and_world_size()
+            torch.save(self._train_loader.state_dict(), os.path.join(output_dir, DATA_STATE_NAME.format(rank=rank)))
+        self.accelerator.wait_for_everyone()  # every rank has written its files
+        if self.args.should_save:
+            write_marker(output_dir, self.state.global_step, self.accelerator.num_processes)
+            rotate_checkpoints(run_dir, save_total_limit=limit, best_model_checkpoint=self.state.best_model_checkpoint,
+                               use_mtime=False)
+        self.accelerator.wait_for_everyone()
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
+        """`Trainer.train`, resuming only from complete checkpoints (`True` picks the newest complete one)."""
+        self._resume_checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir)
+        if self._resume_checkpoint is not None:
+            logger.info(f"Resuming from {self._resume_checkpoint}")
+        return super().train(resume_from_checkpoint=self._resume_checkpoint, **kwargs)
+

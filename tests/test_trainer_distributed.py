@@ -1,0 +1,56 @@
+"""`accelerate launch` with 2 CPU processes (gloo): ranks agree, and equal a 1-process run on the same batches."""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).parent / "scripts" / "train_two_ranks.py"
+OBJECTIVES = ["neuclip", "fastclip"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(free_port()), str(SCRIPT), "--out", str(out / "two"), "--objectives", *OBJECTIVES,
+    ]
+    (out / "two").mkdir()
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (out / "one").mkdir()
+    one = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out / "one"), "--objectives", *OBJECTIVES],
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    load = lambda p: torch.load(p, weights_only=False)  # noqa: E731  (our own test output)
+    return load(out / "two" / "result_rank0.pt"), load(out / "two" / "result_rank1.pt"), load(out / "one" / "result_rank0.pt")
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_two_process_training_equals_one_process(runs, objective):
+    rank0, rank1, single = (r[objective] for r in runs)
+    assert rank0["world_size"] == rank1["world_size"] == 2 and single["world_size"] == 1
+    for name, value in rank0["model"].items():
+        # Identical on both ranks: encoders through DDP, normaliser state through identical updates.
+        assert torch.equal(value, rank1["model"][name]), f"{name} differs between ranks"
+        if value.is_floating_point():
+            torch.testing.assert_close(value, single["model"][name], atol=1e-5, rtol=1e-5, msg=name)
+        else:
+            assert torch.equal(value, single["model"][name]), name
+    for key, state in rank0["normalizer_optimizer"].items():
+        for field, tensor in state.items():
+            assert torch.equal(tensor, rank1["normalizer_optimizer"][key][field])
+    assert rank0["losses"] == pytest.approx(single["losses"], abs=1e-5)

@@ -1,0 +1,50 @@
+"""Small datasets and trainer builders for the trainer tests."""
+
+import torch
+from helpers import tiny_batch, tiny_config
+from torch.utils.data import Dataset, default_collate
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+from neuclip_hf import NeuCLIPModel
+from neuclip_hf.trainer import NeuCLIPTrainer, NeuCLIPTrainingArguments
+
+
+class PairDataset(Dataset):
+    """`n` random tiny image-text pairs with sample ids (map-style)."""
+
+    def __init__(self, n: int = 40, seed: int = 1):
+        self.rows = tiny_batch(n, seed=seed)
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return {k: v[i] for k, v in self.rows.items()}
+
+
+def stateful_loader(dataset, batch_size: int = 8) -> StatefulDataLoader:
+    """A resumable loader in a fixed order (like a stream without shuffle buffer).
+
+    (torchdata's stateful RandomSampler does not restore the permutation of the epochs after a resumed one, so
+    shuffled map-style data is not used for exact-resume tests.)
+    """
+    return StatefulDataLoader(dataset, batch_size=batch_size, shuffle=False, drop_last=True,
+                              collate_fn=default_collate)
+
+
+def make_trainer(objective: str, output_dir, max_steps: int, streaming: bool = False, model_kwargs=None,
+                 dataset=None, **arg_overrides) -> NeuCLIPTrainer:
+    torch.manual_seed(0)
+    model = NeuCLIPModel(tiny_config(objective, **(model_kwargs or {})))
+    values = dict(
+        output_dir=str(output_dir), max_steps=max_steps, per_device_train_batch_size=8, logging_steps=1,
+        report_to=[], use_cpu=True, disable_tqdm=True, seed=0, data_seed=0, save_strategy="steps",
+        save_steps=max_steps, warmup_steps=2, temperature_learning_rate=1e-3,
+    )
+    values.update(arg_overrides)
+    args = NeuCLIPTrainingArguments(**values)
+    dataset = dataset if dataset is not None else PairDataset()
+    if streaming:
+        return NeuCLIPTrainer(model=model, args=args, train_loader_factory=lambda: stateful_loader(dataset))
+    return NeuCLIPTrainer(model=model, args=args, train_dataset=dataset)
