@@ -27,6 +27,9 @@ from .version import __version__
 AutoConfig.register(NeuCLIPConfig.model_type, NeuCLIPConfig, exist_ok=True)
 AutoModel.register(NeuCLIPConfig, NeuCLIPModel, exist_ok=True)
 AutoModelForZeroShotImageClassification.register(NeuCLIPConfig, NeuCLIPModel, exist_ok=True)
+# Saved directories carry the model code + auto_map, so they load with trust_remote_code=True without this package.
+NeuCLIPConfig.register_for_auto_class()
+NeuCLIPModel.register_for_auto_class("AutoModel")
 
 __all__ = [
     "OBJECTIVES",

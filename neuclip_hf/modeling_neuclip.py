@@ -66,7 +66,9 @@ class NeuCLIPModel(CLIPModel):
     _keep_in_fp32_modules = ["normalizer"]
 
     def __init__(self, config: NeuCLIPConfig):
-        if not isinstance(config, NeuCLIPConfig):
+        # Checked by type name, not isinstance: remote-code loading can import this file and the config's from
+        # two different dynamic modules.
+        if type(config).__name__ != "NeuCLIPConfig":
             raise TypeError(
                 f"NeuCLIPModel needs a NeuCLIPConfig, got {type(config).__name__}; "
                 "use NeuCLIPConfig.from_clip_config(config) or NeuCLIPModel.from_clip_pretrained(...)"
@@ -219,6 +221,15 @@ class NeuCLIPModel(CLIPModel):
             normalizer_diagnostics=diagnostics,
             logit_scale=self.logit_scale,
         )
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`; the directory also carries this package's model code and an
+        `auto_map`, so it loads without neuclip_hf installed (`trust_remote_code=True`), in `AutoModel` and in the
+        zero-shot image-classification pipeline."""
+        auto_map = dict(getattr(self.config, "auto_map", None) or {})
+        auto_map.setdefault("AutoModelForZeroShotImageClassification", f"{__name__.split('.')[-1]}.NeuCLIPModel")
+        self.config.auto_map = auto_map
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     @classmethod
     def from_clip_pretrained(cls, pretrained_model_name_or_path, **overrides) -> "NeuCLIPModel":

@@ -224,3 +224,32 @@ def test_from_clip_pretrained_refuses_unknown_overrides(tmp_path):
     NeuCLIPModel(tiny_config()).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="objective='fast' is invalid"):
         NeuCLIPModel.from_clip_pretrained(tmp_path, objective="fast")
+
+
+def test_saved_directory_loads_without_the_package(tmp_path):
+    """trust_remote_code: the saved code files + auto_map load the model in a process that cannot import us."""
+    import subprocess
+    import sys
+
+    model = NeuCLIPModel(tiny_config("neuclip"))
+    model(**tiny_batch(8), return_loss=True, update_normalizer=True)
+    model.save_pretrained(tmp_path / "model")
+    saved = json.loads((tmp_path / "model" / "config.json").read_text())["auto_map"]
+    assert saved == {"AutoConfig": "configuration_neuclip.NeuCLIPConfig", "AutoModel": "modeling_neuclip.NeuCLIPModel",
+                     "AutoModelForZeroShotImageClassification": "modeling_neuclip.NeuCLIPModel"}
+    torch.save(model.state_dict(), tmp_path / "reference.pt")
+    script = f"""
+import sys
+sys.modules["neuclip_hf"] = None  # the package must not be importable
+import torch
+from transformers import AutoModel
+model = AutoModel.from_pretrained({str(tmp_path / 'model')!r}, trust_remote_code=True)
+reference = torch.load({str(tmp_path / 'reference.pt')!r})
+assert type(model).__name__ == "NeuCLIPModel" and "transformers_modules" in type(model).__module__
+assert set(reference) == set(model.state_dict())
+assert all(torch.equal(value, reference[name]) for name, value in model.state_dict().items())
+print("ok")
+"""
+    env = {**__import__("os").environ, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
