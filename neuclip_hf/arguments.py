@@ -44,6 +44,22 @@ class ModelArguments:
     )
 
 
+@dataclass
+class EvalArguments:
+    """Held-out zero-shot evaluation during and after training (the data is `--eval_data`)."""
+
+    zero_shot_eval_steps: int = field(
+        default=0, metadata={"help": "Evaluate every N steps (0: only at the end of training)."}
+    )
+    zero_shot_templates: str = field(
+        default="openai", metadata={"help": "Prompt templates: openai (80), simple (7) or a file with one per line."}
+    )
+    eval_max_samples: int | None = field(
+        default=None, metadata={"help": "Evaluate on at most this many held-out samples (default: all)."}
+    )
+    eval_batch_size: int = field(default=256, metadata={"help": "Images encoded at a time during evaluation."})
+
+
 def parse_overrides(text: str | None) -> dict[str, Any]:
     """`config_overrides` as a dict: JSON, or comma-separated key=value pairs with YAML-typed values."""
     if not text:

@@ -1,0 +1,86 @@
+"""CLIP pretraining with a normaliser estimator (NeuCLIP, AmorLIP, FastCLIP) or a baseline (CLIP, SigLIP).
+
+    python recipes/train.py                                     # embedded Fashion-MNIST data, tiny model, CPU
+    python recipes/train.py recipes/configs/default.yaml --objective fastclip --max_steps 300
+    accelerate launch --config_file accelerate_config.yaml recipes/train.py recipes/configs/cc12m_vit_b32.yaml
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 --num_machines 1 recipes/train.py
+
+Every field of ModelArguments, DataArguments, EvalArguments and NeuCLIPTrainingArguments is a flag; a leading YAML/JSON file gives
+values the flags override. With no arguments, recipes/configs/default.yaml is used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from transformers import set_seed
+from transformers.utils import logging
+
+from neuclip_hf.arguments import EvalArguments, ModelArguments, parse_arguments
+from neuclip_hf.data import DataArguments, build_train_dataloader, count_samples
+from neuclip_hf.distributed import rank_and_world_size
+from neuclip_hf.evaluation import ZeroShotEvalCallback, ZeroShotEvaluator, format_metrics_table
+from neuclip_hf.model_setup import build_model, build_processor
+from neuclip_hf.trainer import NeuCLIPTrainer, NeuCLIPTrainingArguments
+
+DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
+logger = logging.get_logger("neuclip_hf.recipes.train")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    # 1. Arguments: dataclass defaults < YAML/JSON file < command line.
+    model_args, data_args, eval_args, training_args = parse_arguments(
+        (ModelArguments, DataArguments, EvalArguments, NeuCLIPTrainingArguments), sys.argv[1:] if argv is None else argv,
+        default_config=DEFAULT_CONFIG,
+    )
+    if training_args.max_steps <= 0:
+        raise ValueError("--max_steps must be set (> 0): the training data is streamed and has no length")
+    set_seed(training_args.seed)
+
+    # 2. Model and processor. FastCLIP keeps one moving average per sample: size its table from the data.
+    extra = {}
+    if model_args.objective == "fastclip":
+        extra = {"fastclip_dataset_size": data_args.dataset_size or count_samples(data_args),
+                 "fastclip_id_mode": "map"}
+    model = build_model(model_args, **extra)
+    processor = build_processor(model_args, model)
+
+    # 3. Streaming input: each rank reads its own shards, position saved in every checkpoint.
+    def train_loader():
+        rank, world_size = rank_and_world_size()
+        return build_train_dataloader(
+            data_args, processor, batch_size=training_args.per_device_train_batch_size,
+            num_workers=training_args.dataloader_num_workers, rank=rank, world_size=world_size,
+            seed=training_args.data_seed if training_args.data_seed is not None else training_args.seed,
+        )
+
+    # 4. Held-out zero-shot classification / retrieval, during training and at the end.
+    evaluator = ZeroShotEvaluator(processor, data_args.eval_data, templates=eval_args.zero_shot_templates,
+                                  batch_size=eval_args.eval_batch_size, max_samples=eval_args.eval_max_samples,
+                                  cache_inputs=True)
+    eval_callback = ZeroShotEvalCallback(evaluator, eval_steps=eval_args.zero_shot_eval_steps)
+    trainer = NeuCLIPTrainer(model=model, args=training_args, processing_class=processor,
+                             train_loader_factory=train_loader)
+    eval_callback.attach(trainer)
+
+    # 5. Train, save (model + processor), report.
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+    metrics = eval_callback.results["latest"] or {}
+    summary = {"output_dir": os.path.abspath(training_args.output_dir), "objective": model_args.objective,
+               "global_step": trainer.state.global_step, "eval": metrics}
+    if trainer.is_world_process_zero():
+        Path(training_args.output_dir, "eval_results.json").write_text(json.dumps(summary, indent=2) + "\n")
+        print(format_metrics_table(metrics))
+        print(f"\nzero-shot top-1 accuracy on the held-out split: {metrics.get('acc1', float('nan')):.2%}")
+        print(f"model and processor saved to {summary['output_dir']}")
+    if training_args.push_to_hub:
+        trainer.push_to_hub()
+    return summary
+
+
+if __name__ == "__main__":
+    main()
