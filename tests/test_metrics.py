@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from neuclip_hf.metrics import (
     classification_metrics,
@@ -109,14 +110,14 @@ def _topk_reference(scores: torch.Tensor, positives: torch.Tensor, k: int) -> fl
 
 def test_chunked_equals_unchunked_and_matches_topk_reference():
     generator = torch.Generator().manual_seed(0)
-    images = torch.nn.functional.normalize(torch.randn(40, 8, generator=generator), dim=-1)
+    images = F.normalize(torch.randn(40, 8, generator=generator), dim=-1)
     text_to_image = torch.randint(0, 40, (120,), generator=generator)
-    texts = torch.nn.functional.normalize(images[text_to_image] + 0.8 * torch.randn(120, 8, generator=generator), dim=-1)
+    texts = F.normalize(images[text_to_image] + 0.8 * torch.randn(120, 8, generator=generator), dim=-1)
     full = retrieval_metrics(images, texts, text_to_image, chunk_size=100_000)
     assert retrieval_metrics(images, texts, text_to_image, chunk_size=7) == pytest.approx(full, abs=1e-12)
 
     scores = texts @ images.T
-    positives = torch.nn.functional.one_hot(text_to_image, 40).bool()
+    positives = F.one_hot(text_to_image, 40).bool()
     has_text = positives.any(dim=0)
     for k in (1, 5, 10):
         assert full[f"image_retrieval_recall@{k}"] == pytest.approx(_topk_reference(scores, positives, k))
@@ -126,7 +127,7 @@ def test_chunked_equals_unchunked_and_matches_topk_reference():
     logits = torch.randn(50, 7, generator=generator)
     labels = torch.randint(0, 7, (50,), generator=generator)
     assert classification_metrics(logits, labels, chunk_size=3) == pytest.approx(classification_metrics(logits, labels))
-    onehot = torch.nn.functional.one_hot(labels, 7).bool()
+    onehot = F.one_hot(labels, 7).bool()
     assert classification_metrics(logits, labels)["acc5"] == pytest.approx(_topk_reference(logits, onehot, 5))
 
 
