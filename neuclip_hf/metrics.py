@@ -192,6 +192,15 @@ def pairs_to_retrieval_inputs(image_embeds, image_ids) -> tuple[torch.Tensor, to
     return embeds[torch.as_tensor(first)], torch.as_tensor(inverse.reshape(-1), dtype=torch.long)
 
 
+def metric_info(description: str, inputs_description: str, features: dict):
+    """The `evaluate.MetricInfo` of a shipped metric module with the given `datasets` feature types."""
+    import datasets
+    import evaluate
+
+    return evaluate.MetricInfo(description=description, citation="", inputs_description=inputs_description,
+                               features=datasets.Features(features))
+
+
 def load_metric(name: str, **kwargs):
     """An `evaluate` module shipped with the package, loaded by path (no Hub access).
 
@@ -212,6 +221,7 @@ __all__ = [
     "classification_metrics",
     "hit_probability",
     "load_metric",
+    "metric_info",
     "pairs_to_retrieval_inputs",
     "query_hits",
     "retrieval_metrics",

@@ -9,6 +9,7 @@ import datasets
 import evaluate
 
 from neuclip_hf.metrics import RECALL_KS
+from neuclip_hf.metrics import metric_info
 from neuclip_hf.metrics import pairs_to_retrieval_inputs
 from neuclip_hf.metrics import retrieval_metrics
 
@@ -29,16 +30,9 @@ Returns:
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class RetrievalRecall(evaluate.Metric):
     def _info(self):
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation="",
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features({
-                "text_embeds": datasets.Sequence(datasets.Value("float32")),
-                "image_embeds": datasets.Sequence(datasets.Value("float32")),
-                "image_ids": datasets.Value("int64"),
-            }),
-        )
+        vector = datasets.Sequence(datasets.Value("float32"))
+        features = {"text_embeds": vector, "image_embeds": vector, "image_ids": datasets.Value("int64")}
+        return metric_info(_DESCRIPTION, _KWARGS_DESCRIPTION, features)
 
     def _compute(self, text_embeds, image_embeds, image_ids, ks=RECALL_KS):
         images, text_to_image = pairs_to_retrieval_inputs(image_embeds, image_ids)

@@ -8,6 +8,7 @@ import datasets
 import evaluate
 
 from neuclip_hf.metrics import classification_metrics
+from neuclip_hf.metrics import metric_info
 
 _DESCRIPTION = """Top-1 / top-5 accuracy (top-5 only with at least 5 classes) and mean per-class recall of class
 scores, with ties resolved by their expected value under random tie-breaking."""
@@ -28,14 +29,8 @@ Example:
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class ZeroShotClassification(evaluate.Metric):
     def _info(self):
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation="",
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features(
-                {"predictions": datasets.Sequence(datasets.Value("float32")), "references": datasets.Value("int64")}
-            ),
-        )
+        features = {"predictions": datasets.Sequence(datasets.Value("float32")), "references": datasets.Value("int64")}
+        return metric_info(_DESCRIPTION, _KWARGS_DESCRIPTION, features)
 
     def _compute(self, predictions, references):
         return classification_metrics(predictions, references)
