@@ -157,7 +157,7 @@ class ZeroShotEvaluator:
         Returns:
             `acc1`, `acc5` (>= 5 classes), `mean_per_class_recall` (labelled data with class names),
             `image_retrieval_recall@k`, `text_retrieval_recall@k` (captioned data), `num_samples`,
-            `num_skipped` and `num_skipped_<reason>` per bad-sample reason, `runtime` (s) and `samples_per_second`.
+            `num_skipped` and `num_skipped_<reason>` per bad-sample reason, `seconds` and `images_per_second`.
 
         Raises:
             ValueError: no readable sample, or data without labels and without captions.
@@ -171,11 +171,11 @@ class ZeroShotEvaluator:
             results: dict[str, float] = {}
             class_names = self._class_names(labels, seen_names)
             if class_names is not None and labels:
+                if max(labels) >= len(class_names):
+                    raise ValueError(f"label {max(labels)} has no class name ({len(class_names)} class names)")
                 weights = zero_shot_classifier(model, self.processor, class_names, self.templates,
                                                batch_size=max(self.batch_size, 256))
                 logits = logit_scale(model) * image_embeds.to(device) @ weights
-                if max(labels) >= len(class_names):
-                    raise ValueError(f"label {max(labels)} has no class name ({len(class_names)} class names)")
                 results.update(classification_metrics(logits, torch.tensor(labels, device=device)))
             if text_embeds is not None:
                 text_to_image = torch.arange(len(text_embeds), device=device)  # row i pairs image i with caption i
@@ -184,12 +184,13 @@ class ZeroShotEvaluator:
         if not results:
             raise ValueError(f"{self.data.description}: nothing to evaluate; the data needs labels with class "
                              "names (zero-shot classification) or captions (retrieval)")
-        runtime = time.perf_counter() - start
+        seconds = time.perf_counter() - start
         results["num_samples"] = len(image_embeds)
         results["num_skipped"] = sum(skipped.values())
         results.update({f"num_skipped_{reason}": count for reason, count in sorted(skipped.items())})
-        results["runtime"] = runtime
-        results["samples_per_second"] = len(image_embeds) / runtime
+        # not `runtime` / `samples_per_second`: prefixed with eval_ they would mix with Trainer.evaluate's own
+        results["seconds"] = seconds
+        results["images_per_second"] = len(image_embeds) / seconds
         return results
 
     def _encode(self, model: torch.nn.Module):
@@ -359,9 +360,9 @@ def format_metrics_table(metrics: dict[str, float]) -> str:
     for name, value in metrics.items():
         if name.startswith("num_"):
             shown = f"{int(value)}"
-        elif name == "runtime":
+        elif name == "seconds":
             shown = f"{value:.2f} s"
-        elif name == "samples_per_second":
+        elif name == "images_per_second":
             shown = f"{value:.1f}"
         else:
             shown = f"{100 * value:.2f} %"
