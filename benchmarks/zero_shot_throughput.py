@@ -90,8 +90,6 @@ def pipeline_probabilities(outputs: list[list[dict]], class_names: list[str]) ->
 def run(args: argparse.Namespace) -> dict:
     from transformers import AutoProcessor, pipeline
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     class_names = list(FASHION_MNIST_CLASSES)
     files = args.data or default_data_files("test")
     rows = []
@@ -188,7 +186,13 @@ def plot(results: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    results = run(args)
+    threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        results = run(args)
+    finally:
+        torch.set_num_threads(threads)  # leave the process as it was (the test runs this in-process)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "zero_shot_throughput.json").write_text(json.dumps(results, indent=2) + "\n")
