@@ -3,7 +3,7 @@
 Examples:
     python recipes/eval.py --model out/tiny                       # embedded Fashion-MNIST test split
     python recipes/eval.py --model out/tiny --data /data/imagenet/val --templates openai
-    python recipes/eval.py --model openai/clip-vit-base-patch32 --data "shards/{00000..00009}.tar"
+    python recipes/eval.py --model openai/clip-vit-base-patch32 --data "shards/*.tar"
     python recipes/eval.py --model out/tiny --max_samples 2000 --output_json results.json
 
 `--data`: nothing (the embedded default's held-out split), an ImageFolder directory (class subfolders: zero-shot

@@ -230,3 +230,20 @@ def test_image_arrays_in_rows_are_accepted(clip_model, clip_processor):
     rows = [{"image": array, "label": i} for i, array in enumerate(arrays)]
     results = ZeroShotEvaluator(clip_processor, rows, class_names=["a", "b", "c"], templates=["{}"])(clip_model)
     assert results["num_samples"] == 3 and 0.0 <= results["acc1"] <= 1.0
+
+
+def test_a_datasets_dataset_with_image_and_class_label_features(clip_model, clip_processor):
+    import datasets
+
+    images = random_images(4, seed=7)
+    images[2] = b"broken"  # an Image feature would raise while decoding; the evaluator must skip it instead
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["coat", "bag"])})
+    dataset = datasets.Dataset.from_dict(
+        {"image": [{"bytes": _png(im) if isinstance(im, Image.Image) else im, "path": None} for im in images],
+         "label": [0, 1, 0, 1]},
+        features=features,
+    )
+    evaluator = ZeroShotEvaluator(clip_processor, dataset, templates="simple")
+    assert evaluator.data.class_names == ["coat", "bag"]  # from the ClassLabel feature
+    results = evaluator(clip_model)
+    assert results["num_samples"] == 3 and results["num_skipped_image_undecodable"] == 1
