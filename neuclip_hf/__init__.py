@@ -23,6 +23,18 @@ from .normalizers import (
 )
 from .objectives import ContrastiveBatch, NormalizerInputs
 from .version import __version__
+from .eval_data import EvalData, open_eval_data
+from .evaluation import ZeroShotEvalCallback, ZeroShotEvaluator, evaluate_pretrained, load_model_and_processor
+from .metrics import classification_metrics, load_metric, retrieval_metrics
+from .zero_shot import (
+    ZeroShotClassifier,
+    encode_images,
+    encode_texts,
+    load_templates,
+    zero_shot_classifier,
+    zero_shot_classify,
+    zero_shot_retrieval,
+)
 
 AutoConfig.register(NeuCLIPConfig.model_type, NeuCLIPConfig, exist_ok=True)
 AutoModel.register(NeuCLIPConfig, NeuCLIPModel, exist_ok=True)
@@ -49,4 +61,20 @@ __all__ = [
     "__version__",
     "build_normalizer",
     "register_normalizer",
+    "EvalData",
+    "ZeroShotClassifier",
+    "ZeroShotEvalCallback",
+    "ZeroShotEvaluator",
+    "classification_metrics",
+    "encode_images",
+    "encode_texts",
+    "evaluate_pretrained",
+    "load_metric",
+    "load_model_and_processor",
+    "load_templates",
+    "open_eval_data",
+    "retrieval_metrics",
+    "zero_shot_classifier",
+    "zero_shot_classify",
+    "zero_shot_retrieval",
 ]

@@ -15,3 +15,19 @@ import pytest  # noqa: E402
 def tmp_hf_home(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
     return tmp_path / "hf_home"
+
+
+@pytest.fixture(scope="session")
+def clip_model():
+    """A ~1.7M-parameter NeuCLIP model with the real CLIP vocabulary (see tests/zero_shot_helpers.py), eval mode."""
+    from zero_shot_helpers import small_model
+
+    return small_model()
+
+
+@pytest.fixture(scope="session")
+def clip_processor():
+    """The matching CLIPProcessor: OpenAI's tokenizer (32 tokens) and a 32 px PIL image processor."""
+    from zero_shot_helpers import small_processor
+
+    return small_processor()
