@@ -1,5 +1,7 @@
 """Tiny models and batches shared by the tests (import after conftest has made the Hub offline)."""
 
+import socket
+
 import torch
 
 from neuclip_hf import NeuCLIPConfig
@@ -37,3 +39,10 @@ def tiny_batch(batch_size: int = 8, seq_len: int = 10, image_size: int = 16, see
 def unit_vectors(n: int, dim: int, seed: int = 0) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.nn.functional.normalize(torch.randn(n, dim, generator=generator), dim=-1)
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface (for process-group rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -5,21 +5,15 @@ gradients; the result must equal the single-process full-batch computation, and 
 identical on both ranks (they are updated from the same gathered batch without communication).
 """
 
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 from dist_workers import reference, worker
-from helpers import OBJECTIVES
+from helpers import OBJECTIVES, free_port
 
 from neuclip_hf.distributed import gather_no_grad, gather_with_grad, rank_and_world_size
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

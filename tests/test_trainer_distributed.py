@@ -1,22 +1,17 @@
 """`accelerate launch` with 2 CPU processes (gloo): ranks agree, and equal a 1-process run on the same batches."""
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import free_port
 
 SCRIPT = Path(__file__).parent / "scripts" / "train_two_ranks.py"
 OBJECTIVES = ["neuclip", "fastclip"]
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
