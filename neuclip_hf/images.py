@@ -22,6 +22,7 @@ BAD_SAMPLE_REASONS = (
     "caption_missing",
     "caption_empty",
     "caption_not_utf8",
+    "caption_undecodable",  # caption metadata that does not parse (e.g. invalid JSON in a webdataset `.json`)
 )
 DEFAULT_MIN_SIDE = 8
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb threshold (about 9.5k x 9.5k)
@@ -92,6 +93,8 @@ def load_image(value, min_side: int = DEFAULT_MIN_SIDE, max_pixels: int = DEFAUL
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise BadSampleError("image_too_large", str(error)) from None
+    except (FileNotFoundError, IsADirectoryError) as error:  # a path column naming a file that is not there
+        raise BadSampleError("image_missing", str(error)) from None
     except UnidentifiedImageError as error:
         raise BadSampleError("image_undecodable", str(error)) from None
     except OSError as error:  # PIL reports cut-off files as OSError("image file is truncated ...")
