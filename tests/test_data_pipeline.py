@@ -131,6 +131,18 @@ def test_resume_mid_epoch_after_set_epoch(tmp_path, proc):
     assert not set(head) & set(tail)  # nothing repeated
 
 
+def test_a_resumed_position_applies_to_one_pass_only(tmp_path, proc):
+    ids = write_parquet(tmp_path, shards=2, per_shard=6)
+    loader = loader_for(proc, str(tmp_path / "*.parquet"), batch_size=2)  # main process: the same dataset object
+    head = collect_ids(itertools.islice(iter(loader), 2))
+    resumed = loader_for(proc, str(tmp_path / "*.parquet"), batch_size=2)
+    resumed.load_state_dict(loader.state_dict())
+    assert head + collect_ids(resumed) == ids
+    assert collect_ids(resumed) == ids  # the next pass starts from the beginning again
+    resumed.set_epoch(1)
+    assert collect_ids(resumed) == ids  # fixed order without shuffling
+
+
 def test_shuffle_buffer_resume_bound(tmp_path, proc):
     """With a buffer of B examples per worker, a resume skips exactly the buffered examples and repeats none."""
     ids = write_parquet(tmp_path, shards=2, per_shard=30)

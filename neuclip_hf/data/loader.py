@@ -4,10 +4,11 @@ Layout of one rank's input (exactly one sharding mechanism, `datasets`' own):
 
     open_source(spec)                       streaming `datasets.IterableDataset`, one example per pair
       .select_columns(...)                  only image / caption / id / shard (+ kept) columns travel
-      .shuffle(seed, buffer)                optional: shard order + example buffer, same seed on every rank
+      .shuffle(seed, buffer_size=1)         only with --shuffle_buffer: shard order, same seed on every rank
       split_dataset_by_node(rank, world)    this rank's shards (or every world-th example, see below)
     ImageTextStream                         in each DataLoader worker: `datasets` gives the worker its shards;
-                                            decode, skip + count bad samples, augment, tokenize, make batches
+                                            shuffle buffer, decode, skip + count bad samples, augment, tokenize,
+                                            make batches
     StreamingDataLoader                     torchdata StatefulDataLoader: per-worker positions in `state_dict()`
 
 Sharding fallbacks of datasets 5.2 (`split_dataset_by_node` and `IterableDataset._iter_pytorch`):
@@ -36,7 +37,6 @@ from .samples import BadSampleCounter, BatchEncoder, Columns, SampleDecoder, det
 from .sources import EVAL_SPLITS, SHARD_COLUMN, Source, open_source
 
 
-
 class _QuietSingleExampleBuffer(logging.Filter):
     """Drops datasets' warning about losing shuffle-buffer content on resume: our `datasets` shuffle has a buffer of
     one example (shard order only) and resumes exactly; the real example buffer is ImageTextStream's."""
@@ -46,6 +46,8 @@ class _QuietSingleExampleBuffer(logging.Filter):
 
 
 logging.getLogger("datasets.iterable_dataset").addFilter(_QuietSingleExampleBuffer())
+
+_END = object()  # end-of-iterator marker
 DEFAULT_TEXT_LENGTH = 77  # OpenAI CLIP's context, when a tokenizer declares no usable model_max_length
 
 
@@ -81,6 +83,10 @@ class DataArguments:
     max_image_pixels: int = field(default=DEFAULT_MAX_PIXELS, metadata={
         "help": "Skip images with more pixels (decompression bombs; checked before decoding)."})
     augment: bool = field(default=False, metadata={"help": "Random-resized-crop augmentation for training."})
+    jpeg_draft: bool = field(default=True, metadata={
+        "help": "Decode JPEGs at a reduced DCT scale (1/2, 1/4, 1/8) when the result still covers the model input: "
+                "several times faster on photos much larger than the input. --jpeg_draft False decodes at full "
+                "size (bit-exact CLIP preprocessing)."})
     augment_min_scale: float = field(default=0.9, metadata={
         "help": "Smallest area fraction of the random-resized crop (CLIP uses 0.9)."})
     max_text_length: int | None = field(default=None, metadata={
@@ -189,7 +195,27 @@ class ImageTextStream(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         return f"rank {self.rank}, worker {info.id if info else 'main'}"
 
-    def _examples(self):
+    def _positioned(self, stream_state: dict | None):
+        """The dataset's examples from `stream_state` (None: from the start of the epoch).
+
+        `datasets` keeps a loaded position and re-applies it to every later pass of the same epoch number (and
+        without shuffling the epoch number it sees never changes), so the position is cleared once this pass has
+        started: it applies to this pass only.
+        """
+        if stream_state is None:
+            yield from self.dataset
+            return
+        self.dataset.load_state_dict(stream_state)
+        iterator = iter(self.dataset)
+        try:
+            first = next(iterator, _END)  # datasets reads the position when the pass starts
+        finally:
+            self.dataset.load_state_dict(None)
+        if first is not _END:
+            yield first
+            yield from iterator
+
+    def _examples(self, stream_state: dict | None):
         """Raw examples of this worker, through the shuffle buffer when there is one.
 
         The buffer is ours (not `datasets`' `shuffle(buffer_size)`): the stream position saved after a batch is the
@@ -198,12 +224,12 @@ class ImageTextStream(torch.utils.data.IterableDataset):
         repeats examples on resume, and its multi-shard buffer cannot be resumed in DataLoader workers at all.)
         """
         if self.shuffle_buffer == 0:
-            yield from self.dataset
+            yield from self._positioned(stream_state)
             return
         info = torch.utils.data.get_worker_info()
         rng = np.random.default_rng((self.seed & (2**63 - 1), self.epoch, self.rank, info.id if info else 0))
         buffer = []
-        for example in self.dataset:
+        for example in self._positioned(stream_state):
             if len(buffer) < self.shuffle_buffer:
                 buffer.append(example)
                 continue
@@ -215,14 +241,12 @@ class ImageTextStream(torch.utils.data.IterableDataset):
 
     def __iter__(self):
         counter = BadSampleCounter(self.max_bad_fraction, self.bad_check_min_samples, self._where())
-        state, self._pending_state = self._pending_state, None
-        if state and state.get("stream") is not None:
-            self.dataset.load_state_dict(state["stream"])  # datasets resumes after the last consumed example
-        if state and state.get("counts") is not None:
+        state, self._pending_state = self._pending_state or {}, None
+        if state.get("counts") is not None:
             counter.load_state_dict(state["counts"])
         self._counter, self._iterating = counter, True
         samples = []
-        for example in self._examples():
+        for example in self._examples(state.get("stream")):  # datasets resumes after the last consumed example
             try:
                 samples.append(self.decoder(example, self.epoch))
             except BadSampleError as error:
@@ -315,7 +339,8 @@ def _build(args: DataArguments, spec: str | None, split: str | tuple[str, ...], 
     image_size = image_size_of(processor.image_processor)
     augment = training and args.augment
     decoder = SampleDecoder(columns, args.min_image_side, args.max_image_pixels, image_size, augment,
-                            (args.augment_min_scale, 1.0), seed, source.paths_relative_to_shard, training)
+                            (args.augment_min_scale, 1.0), seed, source.paths_relative_to_shard, training,
+                            args.jpeg_draft)
     encoder = BatchEncoder(processor, _text_length(args, processor.tokenizer), augment)
     stream = ImageTextStream(dataset, columns, decoder, encoder, batch_size, drop_last=training,
                              max_bad_fraction=args.max_bad_fraction, bad_check_min_samples=args.bad_check_min_samples,

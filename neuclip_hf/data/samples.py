@@ -207,14 +207,20 @@ class SampleDecoder:
         seed: Seed of the augmentation and of the choice among several captions.
         paths_relative_to_shard: Image path strings are relative to the directory of the shard (captions files).
         training: Pick a random caption from a list (else the first).
+        jpeg_draft: Decode large JPEGs at a reduced DCT scale that still covers the output size.
     """
 
     def __init__(self, columns: Columns, min_side: int, max_pixels: int, image_size: int, augment: bool,
-                 augment_scale: tuple[float, float], seed: int, paths_relative_to_shard: bool, training: bool):
+                 augment_scale: tuple[float, float], seed: int, paths_relative_to_shard: bool, training: bool,
+                 jpeg_draft: bool = True):
         self.columns = columns
         self.min_side, self.max_pixels, self.image_size = min_side, max_pixels, image_size
         self.augment, self.augment_scale, self.seed = augment, augment_scale, seed
         self.paths_relative_to_shard, self.training = paths_relative_to_shard, training
+        # Shortest side the decoded image needs: the output side, or for the random crop (area >= scale[0], aspect
+        # ratio >= 3/4) enough that the crop's shorter side still covers the output side.
+        needed = image_size / math.sqrt(augment_scale[0] * 3 / 4) if augment else image_size
+        self.draft_size = math.ceil(needed) if jpeg_draft else None
 
     def sample_id(self, example: dict) -> int:
         """The stable id: the id column / webdataset key, else a hash of the raw image and caption."""
@@ -276,7 +282,7 @@ class SampleDecoder:
 
         caption = self.caption(example.get(self.columns.caption), rng_for)
         value = self.image_value(example.get(self.columns.image), example.get(SHARD_COLUMN))
-        image = load_image(value, min_side=self.min_side, max_pixels=self.max_pixels)
+        image = load_image(value, min_side=self.min_side, max_pixels=self.max_pixels, draft_size=self.draft_size)
         if self.augment:
             box = random_resized_crop_box(*image.size, rng_for(), scale=self.augment_scale)
             image = image.resize((self.image_size, self.image_size), Image.Resampling.BICUBIC, box=box)
