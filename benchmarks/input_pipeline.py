@@ -148,7 +148,7 @@ def plot(result: dict, path: Path) -> None:
     train = {row["image_size"]: row["samples_per_s"] for row in result["train_step"]}
     figure, axes = plt.subplots(1, len(sources), figsize=(5.5 * len(sources), 4.2), squeeze=False, sharey=True)
     width = 0.8 / len(workers)
-    for axis, source in zip(axes[0], sources):
+    for axis, source in zip(axes[0], sources, strict=True):
         for i, w in enumerate(workers):
             rates = [next(r["samples_per_s"] for r in result["pipeline"] if r["source"] == source
                           and r["image_size"] == s and r["workers"] == w) for s in sizes]
@@ -181,6 +181,7 @@ def main(argv: list[str] | None = None) -> dict:
     batch_size, batches = mode["batch_size"], mode["batches"]
     args.out_dir.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="neuclip-bench-"))
+    load_start = list(os.getloadavg())  # other work on the machine skews both measurements: record it
     started = time.perf_counter()
     # Workers deliver batches in turn, so each of the 8 shards must hold its share of the measured batches plus
     # one batch of slack (a worker's last partial batch is dropped).
@@ -220,7 +221,8 @@ def main(argv: list[str] | None = None) -> dict:
         "batch_size": batch_size, "text_length": TEXT_LENGTH, "model": "tiny, objective=neuclip, 1024 prototypes",
         "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "platform": platform.platform(), "python": platform.python_version(),
-                    "torch": torch.__version__, "load_average_end": list(os.getloadavg())},
+                    "torch": torch.__version__, "load_average_start": load_start,
+                    "load_average_end": list(os.getloadavg())},
         "train_step": train_step, "pipeline": pipeline, "summary": summary,
         "wall_s": time.perf_counter() - started,
     }

@@ -7,7 +7,9 @@ documented policy) instead of crashing a DataLoader worker.
 from __future__ import annotations
 
 import io
+import json
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -119,22 +121,54 @@ def load_image(
     return to_rgb(image)
 
 
+def _text(value) -> str:
+    """A caption value as text: str as is, bytes decoded as UTF-8 (raises `BadSampleError` when missing / not UTF-8)."""
+    if value is None:
+        raise BadSampleError("caption_missing")
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        try:
+            return bytes(value).decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise BadSampleError("caption_not_utf8", str(error)) from None
+    return value
+
+
 def load_caption(value) -> str:
     """A stripped caption from str or UTF-8 bytes.
 
     Raises:
         BadSampleError: missing, empty (after stripping) or not valid UTF-8.
     """
-    if value is None:
-        raise BadSampleError("caption_missing")
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        try:
-            value = bytes(value).decode("utf-8")
-        except UnicodeDecodeError as error:
-            raise BadSampleError("caption_not_utf8", str(error)) from None
+    value = _text(value)
     if not isinstance(value, str):
         raise BadSampleError("caption_missing", f"caption of type {type(value).__name__}")
     caption = value.strip()
     if not caption:
         raise BadSampleError("caption_empty")
     return caption
+
+
+def load_json_caption(value, keys: Sequence[str]):
+    """The caption field of a JSON object given as UTF-8 bytes, text or an already parsed dict.
+
+    Returns the raw field value (text, or a list of captions); pass it on to `load_caption`.
+
+    Args:
+        value: The JSON object (e.g. a webdataset `.json` member).
+        keys: Candidate keys, in order of preference; the first present is used.
+
+    Raises:
+        BadSampleError: missing value or key, not UTF-8, or JSON that does not parse (`caption_undecodable`).
+    """
+    value = _text(value)
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError as error:
+            raise BadSampleError("caption_undecodable", f"invalid JSON: {error}") from None
+    if not isinstance(value, dict):
+        raise BadSampleError("caption_missing", f"JSON caption field is a {type(value).__name__}, not an object")
+    key = next((k for k in keys if k in value), None)
+    if key is None:
+        raise BadSampleError("caption_missing", f"none of the keys {list(keys)} in the JSON caption")
+    return value[key]

@@ -24,7 +24,8 @@ def main(argv: list[str] | None = None) -> dict[str, list[str]]:
     parser.add_argument("--out_dir", type=Path, default=None, help=f"target directory (default {default_data_dir()})")
     parser.add_argument("--source", type=Path, default=None,
                         help=f"directory with the Fashion-MNIST IDX files (default {source_dir()})")
-    parser.add_argument("--limit", type=int, default=None, help="keep the first N images of each split (needs --out_dir)")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="keep the first N images of each split (needs --out_dir)")
     parser.add_argument("--overwrite", action="store_true", help="rebuild even if a current copy exists")
     args = parser.parse_args(argv)
     start = time.perf_counter()

@@ -7,13 +7,14 @@ import numpy as np
 import pytest
 import torch
 from data_fixtures import (
-    BAD_SAMPLES, IMAGE_SIZE, JSON_ONLY, TEST_MAX_PIXELS, collect_ids, processor, write_parquet, write_webdataset,
+    BAD_SAMPLES, IMAGE_SIZE, JSON_ONLY, TEST_MAX_PIXELS, collect_ids, image_bytes, processor, write_parquet,
+    write_webdataset,
 )
 from PIL import Image
 
 from neuclip_hf import DataArguments, DataQualityError, accumulate_data_stats, build_train_dataloader
 from neuclip_hf.data import random_resized_crop_box
-from neuclip_hf.images import BAD_SAMPLE_REASONS
+from neuclip_hf.images import BAD_SAMPLE_REASONS, BadSampleError, load_image
 from neuclip_hf.tokenization import build_clip_processor, build_clip_tokenizer
 
 STRICT = dict(min_image_side=8, max_image_pixels=TEST_MAX_PIXELS)
@@ -25,8 +26,8 @@ def proc():
 
 
 def loader_for(proc, spec, batch_size=4, num_workers=0, seed=0, **kwargs):
-    return build_train_dataloader(DataArguments(train_data=spec, **STRICT, **kwargs), proc, batch_size, num_workers,
-                                  rank=0, world_size=1, seed=seed)
+    return build_train_dataloader(DataArguments(train_data=spec, **{**STRICT, **kwargs}), proc, batch_size,
+                                  num_workers, rank=0, world_size=1, seed=seed)
 
 
 def totals(batches) -> dict:
@@ -106,7 +107,7 @@ def test_resume_is_exact_with_workers(tmp_path, proc, spec_kind):
     resumed.load_state_dict(state)
     tail = list(resumed)
     assert len(head) + len(tail) == len(reference)
-    for expected, got in zip(reference, head + tail):
+    for expected, got in zip(reference, head + tail, strict=True):
         assert torch.equal(expected["sample_ids"], got["sample_ids"])
         assert torch.equal(expected["pixel_values"], got["pixel_values"])  # augmentation crops replay exactly
     assert totals(head + tail)["samples_skipped"] == totals(reference)["samples_skipped"]
@@ -226,6 +227,24 @@ def test_augmentation_changes_crops_but_keeps_shapes(tmp_path, proc):
     assert not torch.allclose(plain, augmented)
     assert torch.equal(augmented, again)  # deterministic per (seed, epoch, sample id)
     assert not torch.allclose(augmented, other_seed)
+
+
+def test_jpeg_draft_decodes_large_photos_at_reduced_scale(tmp_path, proc):
+    photo = image_bytes(0, (320, 240), "JPEG")
+    assert load_image(photo, draft_size=32).size == (80, 60)  # 1/4 scale: both sides still >= 32
+    assert load_image(photo, draft_size=224).size == (320, 240)  # no smaller scale covers 224
+    assert load_image(image_bytes(0, (320, 240), "PNG"), draft_size=32).size == (320, 240)  # JPEG only
+    with pytest.raises(BadSampleError, match="image_too_large"):  # limits judge the full (header) size
+        load_image(photo, max_pixels=320 * 240 - 1, draft_size=32)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"image": [{"bytes": photo, "path": None}] * 2, "caption": ["a photo"] * 2}),
+                   tmp_path / "photos.parquet")
+    for draft in (True, False):
+        batch = next(iter(loader_for(proc, str(tmp_path / "photos.parquet"), batch_size=2, jpeg_draft=draft,
+                                     max_image_pixels=10**6)))
+        assert batch["pixel_values"].shape == (2, 3, IMAGE_SIZE, IMAGE_SIZE)
 
 
 def test_random_resized_crop_box_bounds():

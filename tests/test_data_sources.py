@@ -2,13 +2,14 @@
 an image folder with captions files, a Hub-style dataset directory, and the embedded default."""
 
 import json
+import pickle
 import tarfile
 
 import pytest
 import torch
 from data_fixtures import (
-    IMAGE_SIZE, TEXT_LENGTH, add_member, collect_ids, image_bytes, processor, write_hub_style_dir, write_image_folder, write_parquet,
-    write_webdataset,
+    IMAGE_SIZE, TEXT_LENGTH, add_member, collect_ids, image_bytes, processor, write_hub_style_dir, write_image_folder,
+    write_parquet, write_webdataset,
 )
 from transformers import HfArgumentParser
 
@@ -110,8 +111,24 @@ def test_hub_style_directory_goes_through_the_hub_code_path(tmp_path, proc, monk
     monkeypatch.setattr(sources, "load_dataset_builder", lambda path, **kw: calls.append(path) or real(path, **kw))
     assert sorted(collect_ids(train_loader(proc, str(tmp_path), batch_size=3))) == train_ids
     assert calls == [str(tmp_path)]  # the directory itself, resolved by datasets (as a Hub name would be)
+    assert next(iter(open_source(str(tmp_path)).dataset))["__shard__"].endswith("train-00000-of-00002.parquet")
     eval_loader = build_eval_dataloader(DataArguments(eval_data=str(tmp_path)), proc, batch_size=4)
     assert sorted(collect_ids(eval_loader)) == test_ids  # the "test" split picked for evaluation, last batch kept
+
+
+def test_hub_style_imagefolder_with_metadata(tmp_path, proc):
+    (tmp_path / "train").mkdir()
+    rows = []
+    for i in range(6):
+        (tmp_path / "train" / f"{i}.png").write_bytes(image_bytes(i))
+        rows.append({"file_name": f"{i}.png", "text": f"a photo of item {i}", "key": f"{i:04d}"})
+    (tmp_path / "train" / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    source = open_source(str(tmp_path))
+    assert source.builder_name == "imagefolder"
+    example = next(iter(source.dataset))
+    assert example["__shard__"].endswith("metadata.jsonl")  # shard names survive datasets' configured builder
+    pickle.loads(pickle.dumps(source.dataset))  # and the dataset stays picklable (spawned DataLoader workers)
+    assert sorted(collect_ids(train_loader(proc, str(tmp_path), batch_size=2))) == list(range(6))  # `key` column
 
 
 def test_unknown_hub_name_is_a_clear_error(proc):

@@ -28,8 +28,8 @@ def test_prepares_deterministically(tmp_path):
     train, test = read(first["train"]), read(first["test"])
     assert train["sample_id"] == list(range(40)) and test["sample_id"][0] == TEST_ID_OFFSET
     assert len(set(train["caption"])) > 10  # templates and attributes vary the captions
-    assert all(FASHION_MNIST_CLASSES[label] in caption
-               for label, caption in zip(train["label"], train["caption"]) if label != 9)  # "an ankle boot"
+    pairs = zip(train["label"], train["caption"], strict=True)
+    assert all(FASHION_MNIST_CLASSES[label] in caption for label, caption in pairs if label != 9)  # "an ankle boot"
 
 
 def test_reuses_a_current_copy_and_rebuilds_another_limit(tmp_path):

@@ -317,8 +317,9 @@ def _prepare(args: DataArguments, spec: str | None, split: str | tuple[str, ...]
     return source, columns
 
 
-def _build(args: DataArguments, spec: str | None, split: str | tuple[str, ...], processor, batch_size: int, num_workers: int,
-           rank: int, world_size: int, seed: int, training: bool, keep_columns=()) -> StreamingDataLoader:
+def _build(args: DataArguments, spec: str | None, split: str | tuple[str, ...], processor, batch_size: int,
+           num_workers: int, rank: int, world_size: int, seed: int, training: bool, keep_columns=()
+           ) -> StreamingDataLoader:
     if batch_size < 1 or num_workers < 0 or world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"invalid loader layout: batch_size={batch_size}, num_workers={num_workers}, "
                          f"rank={rank}, world_size={world_size}")

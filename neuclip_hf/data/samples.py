@@ -7,7 +7,6 @@ and counted by `BadSampleCounter`, which also enforces the bad-fraction limit.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections import Counter
@@ -20,7 +19,7 @@ import torch
 from datasets import Features, Image as ImageFeature
 from PIL import Image
 
-from ..images import BAD_SAMPLE_REASONS, BadSampleError, load_caption, load_image
+from ..images import BAD_SAMPLE_REASONS, BadSampleError, load_caption, load_image, load_json_caption
 from .sources import SHARD_COLUMN
 
 IMAGE_COLUMNS = ("image", "jpg", "jpeg", "png", "webp", "img", "image_bytes", "image_path", "file_name", "filename",
@@ -226,40 +225,19 @@ class SampleDecoder:
         """The stable id: the id column / webdataset key, else a hash of the raw image and caption."""
         if self.columns.id is not None and example.get(self.columns.id) is not None:
             return stable_sample_id(example[self.columns.id])
-        raw = _content_bytes(example.get(self.columns.image)) + b"\0" + _content_bytes(example.get(self.columns.caption))
-        return hash_id(raw)
+        image, caption = example.get(self.columns.image), example.get(self.columns.caption)
+        return hash_id(_content_bytes(image) + b"\0" + _content_bytes(caption))
 
     def caption(self, value, rng_for) -> str:
         """The caption text from a string / bytes / JSON / list value (raises `BadSampleError`)."""
         if self.columns.caption_key is not None or self.columns.caption.lower().rsplit(".", 1)[-1] == "json":
-            value = self._json_caption(value)
+            value = load_json_caption(value, [self.columns.caption_key] if self.columns.caption_key
+                                      else JSON_CAPTION_KEYS)
         if isinstance(value, (list, tuple, np.ndarray)):  # several captions per image (COCO style)
             if len(value) == 0:
                 raise BadSampleError("caption_missing", "empty caption list")
             value = value[int(rng_for().integers(len(value)))] if self.training else value[0]
         return load_caption(value)
-
-    def _json_caption(self, value):
-        """The caption inside a JSON object (raw bytes / text / already-parsed dict)."""
-        if value is None:
-            raise BadSampleError("caption_missing")
-        if isinstance(value, (bytes, bytearray, memoryview)):
-            try:
-                value = bytes(value).decode("utf-8")
-            except UnicodeDecodeError as error:
-                raise BadSampleError("caption_not_utf8", str(error)) from None
-        if isinstance(value, str):
-            try:
-                value = json.loads(value)
-            except ValueError as error:
-                raise BadSampleError("caption_undecodable", f"invalid JSON: {error}") from None
-        if not isinstance(value, dict):
-            raise BadSampleError("caption_missing", f"JSON caption field is a {type(value).__name__}, not an object")
-        keys = [self.columns.caption_key] if self.columns.caption_key else JSON_CAPTION_KEYS
-        key = next((k for k in keys if k in value), None)
-        if key is None:
-            raise BadSampleError("caption_missing", f"none of the keys {list(keys)} in the JSON caption")
-        return value[key]
 
     def image_value(self, value, shard: str | None):
         """Resolve relative image paths of captions-file sources against the shard's directory."""

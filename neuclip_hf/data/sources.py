@@ -32,6 +32,7 @@ from pathlib import Path
 import pyarrow as pa
 from datasets import Features, Image, IterableDataset, Value, load_dataset_builder
 from datasets.builder import Key
+from datasets.load import configure_builder_class
 from datasets.packaged_modules.arrow.arrow import Arrow
 from datasets.packaged_modules.csv.csv import Csv
 from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
@@ -201,18 +202,18 @@ def _label_for(key, labels: list[str]) -> str:
     return labels[shard_id] if shard_id is not None and shard_id < len(labels) else "<unknown shard>"
 
 
-def _declare_shard_column(builder) -> None:
-    if builder.info.features is not None:
-        builder.info.features[SHARD_COLUMN] = Value("string")
-
-
-class _ShardNamedTables:
-    """Mixin for Arrow-based packaged builders (parquet, json, csv, arrow): adds the `__shard__` column."""
+class _ShardNamed:
+    """Declares the `__shard__` column once the builder knows its features."""
 
     def _split_generators(self, dl_manager):
         splits = super()._split_generators(dl_manager)
-        _declare_shard_column(self)
+        if self.info.features is not None:
+            self.info.features[SHARD_COLUMN] = Value("string")
         return splits
+
+
+class _ShardNamedTables(_ShardNamed):
+    """Mixin for Arrow-based packaged builders (parquet, json, csv, arrow): adds the `__shard__` column."""
 
     def _generate_tables(self, **gen_kwargs):
         labels = _shard_labels(self, gen_kwargs)
@@ -224,13 +225,8 @@ class _ShardNamedTables:
             yield key, table
 
 
-class _ShardNamedExamples:
+class _ShardNamedExamples(_ShardNamed):
     """Mixin for generator-based packaged builders (imagefolder): adds `__shard__` to every example."""
-
-    def _split_generators(self, dl_manager):
-        splits = super()._split_generators(dl_manager)
-        _declare_shard_column(self)
-        return splits
 
     def _generate_examples(self, **gen_kwargs):
         labels = _shard_labels(self, gen_kwargs)
@@ -296,7 +292,7 @@ class RawWebDataset(WebDataset):
     def _generate_examples(self, tar_paths, tar_iterators):
         fields = [name for name in self.info.features if name not in ("__key__", SHARD_COLUMN)]
         image_fields = {name for name in fields if isinstance(self.info.features[name], Image)}
-        for tar_index, (tar_path, tar_iterator) in enumerate(zip(tar_paths, tar_iterators)):
+        for tar_index, (tar_path, tar_iterator) in enumerate(zip(tar_paths, tar_iterators, strict=True)):
             for sample_index, sample in enumerate(self._get_pipeline_from_tar(tar_path, tar_iterator)):
                 example = {"__key__": sample["__key__"], SHARD_COLUMN: str(tar_path)}
                 for name in fields:  # fields unseen during inference are dropped; missing ones are None
@@ -314,9 +310,16 @@ _SHARD_NAMED = {Parquet: ShardNamedParquet, Json: ShardNamedJson, Csv: ShardName
 def _with_shard_names(builder):
     """Specialise a packaged builder instance in place (same configuration, a subclass adding shard names).
 
-    Builders of other kinds are returned unchanged and their examples have no `__shard__` column.
+    For a dataset directory or Hub dataset, `datasets` builds a configured subclass of the packaged builder (its
+    `BUILDER_CONFIGS` come from the data layout / README); it is rebuilt around our subclass with the same
+    configuration, and stays picklable (`datasets` pickles it through its parent class). Builders of other kinds
+    are returned unchanged and their examples have no `__shard__` column.
     """
-    specialised = _SHARD_NAMED.get(type(builder))
+    cls = type(builder)
+    specialised = _SHARD_NAMED.get(cls)
+    if specialised is None and len(cls.__mro__) > 1 and cls.__mro__[1] in _SHARD_NAMED:  # a configured subclass
+        specialised = configure_builder_class(_SHARD_NAMED[cls.__mro__[1]], cls.BUILDER_CONFIGS,
+                                              cls.DEFAULT_CONFIG_NAME, builder.dataset_name)
     if specialised is not None:
         builder.__class__ = specialised  # a subclass with no extra state: only the generators change
     return builder
