@@ -113,6 +113,19 @@ def test_resume_is_exact_with_workers(tmp_path, proc, spec_kind):
     assert totals(head + tail)["samples_skipped"] == totals(reference)["samples_skipped"]
 
 
+def test_resume_refuses_another_layout(tmp_path, proc):
+    write_parquet(tmp_path, shards=2, per_shard=4)
+    spec = str(tmp_path / "*.parquet")
+    loader = loader_for(proc, spec, batch_size=2, num_workers=2)
+    next(iter(loader))
+    state = loader.state_dict()
+    assert state["layout"] == {"rank": 0, "world_size": 1, "num_workers": 2, "batch_size": 2}
+    with pytest.raises(ValueError, match="resume with the same ranks, workers and batch size"):
+        loader_for(proc, spec, batch_size=2, num_workers=1).load_state_dict(state)
+    with pytest.raises(ValueError, match="not a StreamingDataLoader state"):
+        loader_for(proc, spec, batch_size=2, num_workers=2).load_state_dict(state["loader"])
+
+
 def test_resume_mid_epoch_after_set_epoch(tmp_path, proc):
     write_parquet(tmp_path, shards=2, per_shard=12)
     spec = str(tmp_path / "*.parquet")

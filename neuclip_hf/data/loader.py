@@ -273,17 +273,26 @@ def _keep_batch(batch):
 class StreamingDataLoader(StatefulDataLoader):
     """A `StatefulDataLoader` over an `ImageTextStream` (batches come whole from the workers).
 
-    `state_dict()` holds every worker's stream position and the epoch; `load_state_dict()` before the next
-    `iter()` resumes exactly there. `set_epoch(e)` starts epoch `e` at the next `iter()`.
+    `state_dict()` holds every worker's stream position, the epoch and the layout (rank, world size, workers,
+    batch size); `load_state_dict()` before the next `iter()` resumes exactly there, and refuses a state saved
+    with another layout (the positions are per rank and per worker). `set_epoch(e)` starts epoch `e` at the next
+    `iter()`.
+
+    Args:
+        stream: The rank's batches.
+        num_workers: DataLoader worker processes.
+        layout: `rank`, `world_size`, `num_workers` and `batch_size`, saved with the state and checked on load.
+        prefetch_factor: Batches each worker prepares ahead.
     """
 
-    def __init__(self, stream: ImageTextStream, num_workers: int, batch_size: int, prefetch_factor: int = 2):
+    def __init__(self, stream: ImageTextStream, num_workers: int, layout: dict, prefetch_factor: int = 2):
         with warnings.catch_warnings():  # torchdata 0.11's constructor calls the deprecated torch.set_vital
             warnings.filterwarnings("ignore", message=".*set_vital.*is deprecated")
             super().__init__(stream, batch_size=None, num_workers=num_workers, collate_fn=_keep_batch,
                              prefetch_factor=prefetch_factor if num_workers > 0 else None, persistent_workers=False)
         self.stream = stream
-        self.per_device_batch_size = batch_size  # `batch_size` of the torch loader is None (batches are prebuilt)
+        self.layout = dict(layout)
+        self.per_device_batch_size = layout["batch_size"]  # the torch loader's `batch_size` is None (prebuilt)
 
     @property
     def epoch(self) -> int:
@@ -293,11 +302,15 @@ class StreamingDataLoader(StatefulDataLoader):
         self.stream.set_epoch(epoch)
 
     def state_dict(self) -> dict:
-        return {"epoch": self.stream.epoch, "loader": super().state_dict()}
+        return {"epoch": self.stream.epoch, "layout": dict(self.layout), "loader": super().state_dict()}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        if set(state_dict) != {"epoch", "loader"}:
-            raise ValueError(f"not a StreamingDataLoader state (keys {sorted(state_dict)}; expected epoch, loader)")
+        if set(state_dict) != {"epoch", "layout", "loader"}:
+            raise ValueError(f"not a StreamingDataLoader state: keys {sorted(state_dict)}, "
+                             "expected ['epoch', 'layout', 'loader']")
+        if state_dict["layout"] != self.layout:
+            raise ValueError(f"the data position was saved with {state_dict['layout']} but this loader has "
+                             f"{self.layout}; resume with the same ranks, workers and batch size")
         self.stream.set_epoch(state_dict["epoch"])  # before the positions: datasets ignores a state of another epoch
         super().load_state_dict(state_dict["loader"])
 
@@ -346,7 +359,8 @@ def _build(args: DataArguments, spec: str | None, split: str | tuple[str, ...], 
     stream = ImageTextStream(dataset, columns, decoder, encoder, batch_size, drop_last=training,
                              max_bad_fraction=args.max_bad_fraction, bad_check_min_samples=args.bad_check_min_samples,
                              rank=rank, shuffle_buffer=shuffle_buffer, seed=seed)
-    return StreamingDataLoader(stream, num_workers, batch_size)
+    layout = {"rank": rank, "world_size": world_size, "num_workers": num_workers, "batch_size": batch_size}
+    return StreamingDataLoader(stream, num_workers, layout)
 
 
 def build_train_dataloader(args: DataArguments, processor, batch_size: int, num_workers: int, rank: int,
