@@ -8,6 +8,16 @@ and `pipeline("zero-shot-image-classification", model=<neuclip dir>)` works.
 from transformers import AutoConfig, AutoModel, AutoModelForZeroShotImageClassification
 
 from .configuration_neuclip import OBJECTIVES, NeuCLIPConfig
+from .data import (
+    DataArguments,
+    DataQualityError,
+    StreamingDataLoader,
+    accumulate_data_stats,
+    build_eval_dataloader,
+    build_train_dataloader,
+    count_samples,
+)
+from .default_data import default_data_files, prepare_default_data
 from .modeling_neuclip import NeuCLIPModel, NeuCLIPOutput
 from .normalizers import (
     NORMALIZERS,
@@ -77,4 +87,13 @@ __all__ = [
     "zero_shot_classifier",
     "zero_shot_classify",
     "zero_shot_retrieval",
+    "DataArguments",
+    "DataQualityError",
+    "StreamingDataLoader",
+    "accumulate_data_stats",
+    "build_eval_dataloader",
+    "build_train_dataloader",
+    "count_samples",
+    "default_data_files",
+    "prepare_default_data",
 ]

@@ -119,6 +119,19 @@ def _write_split(split: str, out_dir: Path, source: Path | None, limit: int | No
     return files
 
 
+def _read_manifest(out_dir: Path) -> dict | None:
+    """The manifest of a prepared directory, or None when absent or unreadable."""
+    try:
+        return json.loads((out_dir / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _is_current(manifest: dict | None, limit: int | None) -> bool:
+    """A prepared copy can be reused: same format version and the same `limit`."""
+    return bool(manifest) and manifest.get("version") == VERSION and manifest.get("limit") == limit
+
+
 def prepare_default_data(
     out_dir: Path | str | None = None, source: Path | str | None = None, limit: int | None = None,
     overwrite: bool = False,
@@ -128,30 +141,44 @@ def prepare_default_data(
     Args:
         out_dir: Target directory (default `default_data_dir()`).
         source: Directory with the Fashion-MNIST IDX files (default `source_dir()`).
-        limit: Keep only the first `limit` images of each split (tests).
+        limit: Keep only the first `limit` images of each split (tests). Needs an explicit `out_dir`, so a
+            truncated copy never lands in the shared cache.
         overwrite: Rebuild even if the shards exist.
 
-    The shards are written to a temporary directory and renamed into place, so an interrupted preparation never
-    leaves a half-written dataset behind.
+    The shards are written to a temporary directory and renamed into place under a file lock, so an interrupted
+    preparation never leaves a half-written dataset behind and concurrent processes (the ranks of a first run)
+    prepare it once. A copy of another format version or `limit` is rebuilt.
     """
+    if limit is not None and out_dir is None:
+        raise ValueError("prepare_default_data(limit=...) needs an explicit out_dir: the shared cache holds full data")
     out_dir = Path(out_dir) if out_dir is not None else default_data_dir()
-    manifest = out_dir / "manifest.json"
-    if manifest.exists() and not overwrite:
-        return json.loads(manifest.read_text())["files"]
-    source = Path(source) if source is not None else None
+    if not overwrite and _is_current(_read_manifest(out_dir), limit):
+        return _files_of(out_dir)
+    from filelock import FileLock  # a dependency of datasets
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out_dir) + ".lock"):
+        if overwrite or not _is_current(_read_manifest(out_dir), limit):  # another process may have finished it
+            _prepare_locked(out_dir, Path(source) if source is not None else None, limit)
+    return _files_of(out_dir)
+
+
+def _prepare_locked(out_dir: Path, source: Path | None, limit: int | None) -> None:
     staging = out_dir.with_name(out_dir.name + f".tmp-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     files = {split: _write_split(split, staging, source, limit) for split in SPLITS}
     relative = {split: [str(Path(f).relative_to(staging)) for f in paths] for split, paths in files.items()}
-    (staging / "manifest.json").write_text(json.dumps({"version": VERSION, "files_relative": relative}, indent=1))
+    manifest = {"version": VERSION, "limit": limit, "files_relative": relative}
+    (staging / "manifest.json").write_text(json.dumps(manifest, indent=1))
     if out_dir.exists():
         shutil.rmtree(out_dir)
     staging.rename(out_dir)
-    final = {split: [str(out_dir / f) for f in paths] for split, paths in relative.items()}
-    (out_dir / "manifest.json").write_text(
-        json.dumps({"version": VERSION, "files_relative": relative, "files": final}, indent=1)
-    )
-    return final
+
+
+def _files_of(out_dir: Path) -> dict[str, list[str]]:
+    """Absolute shard paths per split, from the manifest's relative paths (the directory may have moved)."""
+    relative = json.loads((out_dir / "manifest.json").read_text())["files_relative"]
+    return {split: [str(out_dir / f) for f in paths] for split, paths in relative.items()}
 
 
 def default_data_files(split: str = "train") -> list[str]:

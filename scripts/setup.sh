@@ -18,3 +18,6 @@ PYTHON="${PYTHON:-python3}"
 .venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/python -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"
 .venv/bin/python -m pip install -q -e ".[test]" 2>&1 | grep -v "Location" || true
 .venv/bin/python -c "import neuclip_hf, torch, transformers; print('neuclip_hf', neuclip_hf.__version__, '| torch', torch.__version__, '| transformers', transformers.__version__)"
+# The embedded default dataset (Fashion-MNIST captions as parquet shards in ~/.cache/neuclip_hf, ~12 s once);
+# otherwise it is prepared on first use.
+.venv/bin/python scripts/prepare_default_data.py

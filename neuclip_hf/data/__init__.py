@@ -1,0 +1,44 @@
+"""Streaming image-text input: sources (`sources`), per-sample decoding and batching (`samples`), and the
+resumable, sharded loader with its bad-sample policy (`loader`)."""
+
+from .loader import (
+    DataArguments,
+    ImageTextStream,
+    StreamingDataLoader,
+    build_eval_dataloader,
+    build_train_dataloader,
+    count_samples,
+    shard_layout_warning,
+)
+from .samples import (
+    BadSampleCounter,
+    Columns,
+    DataQualityError,
+    accumulate_data_stats,
+    detect_columns,
+    hash_id,
+    random_resized_crop_box,
+    stable_sample_id,
+)
+from .sources import SHARD_COLUMN, Source, open_source
+
+__all__ = [
+    "SHARD_COLUMN",
+    "BadSampleCounter",
+    "Columns",
+    "DataArguments",
+    "DataQualityError",
+    "ImageTextStream",
+    "Source",
+    "StreamingDataLoader",
+    "accumulate_data_stats",
+    "build_eval_dataloader",
+    "build_train_dataloader",
+    "count_samples",
+    "detect_columns",
+    "hash_id",
+    "open_source",
+    "random_resized_crop_box",
+    "shard_layout_warning",
+    "stable_sample_id",
+]
