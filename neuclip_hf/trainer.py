@@ -133,6 +133,37 @@ def find_normalizer(model: torch.nn.Module) -> Normalizer:
     return found[-1]
 
 
+class EndlessLoader:
+    """A resumable loader iterated epoch after epoch as one endless stream.
+
+    Ranks can see different numbers of batches per epoch (shards of different sizes), so epochs are never
+    synchronised: when a rank's pass ends it starts its next epoch (`set_epoch`, which reshuffles shards) and keeps
+    feeding steps. The Trainer sees an iterable without length and counts `max_steps`.
+    """
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def __iter__(self):
+        empty_passes = 0
+        while True:
+            produced = False
+            for batch in self.loader:
+                produced = True
+                yield batch
+            empty_passes = 0 if produced else empty_passes + 1
+            if empty_passes > 1:  # one empty pass is normal right after resuming at the end of an epoch
+                raise RuntimeError("the training data yields no batch: fewer samples than one batch per rank?")
+            if hasattr(self.loader, "set_epoch") and hasattr(self.loader, "epoch"):
+                self.loader.set_epoch(self.loader.epoch + 1)
+
+    def state_dict(self) -> dict:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loader.load_state_dict(state)
+
+
 class _AfterOptimizerStep(TrainerCallback):
     """Runs the trainer's post-step work right after the encoder optimizer step (before the lr scheduler step)."""
 
@@ -209,7 +240,7 @@ class NeuCLIPTrainer(Trainer):
     def get_train_dataloader(self):
         if self._train_loader_factory is None:
             return super().get_train_dataloader()
-        loader = self._train_loader_factory()
+        loader = EndlessLoader(self._train_loader_factory())
         self._train_loader = loader
         if self._resume_checkpoint is not None and hasattr(loader, "load_state_dict"):
             rank, world_size = rank_and_world_size()
@@ -381,10 +412,14 @@ class NeuCLIPTrainer(Trainer):
         self._samples_seen += int(outputs.image_embeds.shape[0]) * self.accelerator.num_processes
 
     def _accumulate_data_stats(self, stats: dict | None) -> None:
+        """Fold one batch's `data_stats` (samples read, skipped per reason since the worker's last batch) in."""
         if not stats:
             return
-        counts = [stats.get("read", 0)] + [stats.get(reason, 0) for reason in BAD_SAMPLE_REASONS]
+        counts = [stats.get("samples_read", 0)] + [stats.get(f"skipped_{r}", 0) for r in BAD_SAMPLE_REASONS]
         self._data_counts += torch.tensor(counts, dtype=torch.float64)
+        if stats.get("samples_skipped"):
+            logger.warning(f"skipped {stats['samples_skipped']} bad sample(s); last: {stats.get('last_bad_reason')} "
+                           f"in {stats.get('last_bad_shard')}")
 
     def _drain_metrics(self) -> dict[str, float]:
         logs: dict[str, float] = {}
