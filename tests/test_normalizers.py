@@ -310,3 +310,17 @@ def test_state_round_trip_continues_identically(cls):
     for (name, a), b in zip(normalizer.state_dict().items(), clone.state_dict().values()):
         assert torch.equal(a, b), name
     assert not inputs_for(image * float("nan"), text, 0.1, ids).is_finite()
+
+
+def test_closed_form_prototype_gradient_equals_autograd():
+    normalizer = build_normalizer(tiny_config(projection_dim=8, neuclip_num_prototypes=24))
+    normalizer.reset_parameters()
+    image, text = clustered_pairs(20, dim=8)
+    inputs = inputs_for(image, text, 0.07)
+    params = [normalizer.text_prototypes, normalizer.image_prototypes]
+    expected_value = normalizer.objective_value(inputs)
+    expected = torch.autograd.grad(expected_value, params)
+    value, gradients = normalizer.objective_and_gradients(inputs)
+    torch.testing.assert_close(value, expected_value.detach())
+    for got, want in zip(gradients, expected):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
