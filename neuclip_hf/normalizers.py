@@ -55,6 +55,17 @@ def build_normalizer(config) -> "Normalizer":
     return NORMALIZERS[config.objective](config)
 
 
+def find_normalizer(model: torch.nn.Module) -> Normalizer:
+    """The normaliser that the model's forward uses (works through DDP, PEFT and `modules_to_save` wrappers)."""
+    found = [m for m in model.modules() if isinstance(m, Normalizer)]
+    if not found:
+        raise TypeError(f"{type(model).__name__} has no normaliser: NeuCLIPTrainer trains NeuCLIPModel")
+    if len(found) > 1:  # PEFT's modules_to_save keeps a frozen original next to the trained copy
+        trainable = [m for m in found if any(p.requires_grad for p in m.parameters())]
+        found = trainable or found
+    return found[-1]
+
+
 def _zero_counter() -> torch.Tensor:
     return torch.zeros((), dtype=torch.long)
 

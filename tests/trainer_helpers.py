@@ -34,9 +34,14 @@ def stateful_loader(dataset, batch_size: int = 8) -> StatefulDataLoader:
 
 
 def make_trainer(objective: str, output_dir, max_steps: int, streaming: bool = False, model_kwargs=None,
-                 dataset=None, **arg_overrides) -> NeuCLIPTrainer:
+                 dataset=None, lora: dict | None = None, **arg_overrides) -> NeuCLIPTrainer:
+    """A NeuCLIPTrainer on a tiny model (LoRA-wrapped by `neuclip_hf.lora.apply_lora(**lora)` if given)."""
     torch.manual_seed(0)
     model = NeuCLIPModel(tiny_config(objective, **(model_kwargs or {})))
+    if lora is not None:
+        from neuclip_hf.lora import apply_lora
+
+        model = apply_lora(model, **lora)
     values = dict(
         output_dir=str(output_dir), max_steps=max_steps, per_device_train_batch_size=8, logging_steps=1,
         report_to=[], use_cpu=True, disable_tqdm=True, seed=0, data_seed=0, save_strategy="steps",
