@@ -143,8 +143,11 @@ def _describe(error: BaseException, secret: str | None) -> str:
     """A one-line cause: the HTTP status and the server's message, or the network error."""
     status = http_status(error)
     if status is not None:
-        request = getattr(error, "request", None)
-        where = f" on {request.method} {request.url.path}" if request is not None else ""
+        try:  # httpx raises RuntimeError for a response without its request
+            request = error.response.request
+            where = f" on {request.method} {request.url.path}"
+        except (AttributeError, RuntimeError):
+            where = ""
         server = getattr(error, "server_message", None) or ""
         text = f"HTTP {status}{where}" + (f": {server}" if server else "")
     else:
@@ -165,6 +168,7 @@ def call_with_retry(action: Callable[[], T], what: str, repo_id: str, retry: Ret
         secret: The token, redacted from every message.
     """
     retry = retry or RetryPolicy()
+    local_dir = None if local_dir is None else os.path.abspath(local_dir)  # a path the user can find again
     for attempt in range(1, retry.attempts + 1):
         try:
             return action()
@@ -182,9 +186,10 @@ def call_with_retry(action: Callable[[], T], what: str, repo_id: str, retry: Ret
                 continue
             tries = f" after {attempt} attempt{'s' if attempt > 1 else ''}"
             hint = "" if transient else " (not retried: retrying does not fix this error)"
-            kept = f" The local files in {local_dir} are intact; push them again later." if local_dir else ""
-            raise HubPushError(f"{what} to {repo_id} failed{tries}: {cause}{hint}.{kept}", repo_id,
-                               None if local_dir is None else str(local_dir), http_status(error), attempt) from error
+            kept = (f" The local files in {local_dir} are intact; push them again later with "
+                    f"neuclip_hf.hub.upload_folder({local_dir!r}, {repo_id!r})." if local_dir else "")
+            raise HubPushError(f"{what[:1].upper() + what[1:]} to {repo_id} failed{tries}: {cause}{hint}.{kept}", repo_id, local_dir,
+                               http_status(error), attempt) from error
     raise AssertionError("unreachable")  # the loop always returns or raises
 
 

@@ -168,6 +168,14 @@ def _format(value: Any) -> str:
     return "None" if value is None else str(value)
 
 
+def _duration(seconds: float | None) -> str:
+    """E.g. `42 s`, `12.5 min`, `3.20 h`."""
+    if not seconds:
+        return "not recorded"
+    return f"{seconds:.0f} s" if seconds < 60 else f"{seconds / 60:.1f} min" if seconds < 3600 else \
+        f"{seconds / 3600:.2f} h"
+
+
 def _percent(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.2f} %"
 
@@ -286,7 +294,7 @@ def build_model_card(model: torch.nn.Module, *, repo_id: str, training: Training
          is not None else "the config's"),
         ("precision", training.precision or "not recorded"),
         ("hardware", training.hardware or "not recorded"),
-        ("training time", f"{training.training_seconds / 3600:.2f} h" if training.training_seconds else "not recorded"),
+        ("training time", _duration(training.training_seconds)),
         ("final temperature T", _format(training.final_temperature)),
     ]
     eval_rows = [(name, _percent(value), _percent(best.get(name))) for name, value in latest.items()]
