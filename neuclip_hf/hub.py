@@ -188,8 +188,8 @@ def call_with_retry(action: Callable[[], T], what: str, repo_id: str, retry: Ret
             hint = "" if transient else " (not retried: retrying does not fix this error)"
             kept = (f" The local files in {local_dir} are intact; push them again later with "
                     f"neuclip_hf.hub.upload_folder({local_dir!r}, {repo_id!r})." if local_dir else "")
-            raise HubPushError(f"{what[:1].upper() + what[1:]} to {repo_id} failed{tries}: {cause}{hint}.{kept}", repo_id, local_dir,
-                               http_status(error), attempt) from error
+            message = f"{what[:1].upper() + what[1:]} to {repo_id} failed{tries}: {cause}{hint}.{kept}"
+            raise HubPushError(message, repo_id, local_dir, http_status(error), attempt) from error
     raise AssertionError("unreachable")  # the loop always returns or raises
 
 

@@ -38,8 +38,8 @@ TOWERS = ("text_model", "vision_model")  # LoRA goes into both encoders, never i
 _TRAINABLE_ATTRIBUTE = "_neuclip_trainable_names"  # remembered on the normaliser: which parameters it trains
 
 
-def lora_config(r: int = 16, alpha: float = 32.0, target_modules: str | tuple[str, ...] | list[str] = DEFAULT_TARGET_MODULES,
-                dropout: float = 0.0):
+def lora_config(r: int = 16, alpha: float = 32.0,
+                target_modules: str | tuple[str, ...] | list[str] = DEFAULT_TARGET_MODULES, dropout: float = 0.0):
     """A `peft.LoraConfig` whose targets are `target_modules` inside the text and vision towers only.
 
     Args:

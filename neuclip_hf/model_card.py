@@ -288,7 +288,8 @@ def build_model_card(model: torch.nn.Module, *, repo_id: str, training: Training
         ("training data", training.training_data or "not recorded"),
         ("optimizer steps", _format(training.steps)),
         ("global batch (pairs per step)", _format(training.global_batch_size)),
-        ("per-device batch x processes", f"{_format(training.per_device_batch_size)} x {_format(training.num_processes)}"),
+        ("per-device batch x processes",
+         f"{_format(training.per_device_batch_size)} x {_format(training.num_processes)}"),
         ("encoder peak learning rate", _format(training.learning_rate)),
         ("normaliser learning rate", _format(training.normalizer_learning_rate) if training.normalizer_learning_rate
          is not None else "the config's"),

@@ -111,9 +111,10 @@ class NeuCLIPTrainingArguments(TrainingArguments):
         if self.rho_schedule is not None and len(self.rho_schedule) == 0:
             raise ValueError("--rho_schedule needs at least one value")
         if self.push_to_hub and self.hub_strategy in ("checkpoint", "all_checkpoints"):
+            strategy = getattr(self.hub_strategy, "value", self.hub_strategy)
             raise ValueError(
-                f"--hub_strategy={self.hub_strategy} is not supported: checkpoints hold pickled optimizer and RNG "
-                "states, which neuclip_hf never uploads. Use every_save (the model files of each save) or end."
+                f"--hub_strategy={strategy} is not supported: checkpoints hold pickled optimizer and RNG states, "
+                "which neuclip_hf never uploads. Use every_save (the model files of each save) or end."
             )
         RetryPolicy(self.hub_push_attempts, self.hub_push_backoff)  # validates both values
 

@@ -8,8 +8,8 @@
 LoRA: `--lora_r 16 [--lora_alpha 32 --lora_target_modules q_proj,v_proj --lora_dropout 0.05]`; Hub: `--push_to_hub
 --hub_model_id user/name` (model files and a model card; see neuclip_hf.hub).
 
-Every field of ModelArguments, LoraArguments, DataArguments, EvalArguments and NeuCLIPTrainingArguments is a flag; a leading YAML/JSON file gives
-values the flags override. With no arguments, recipes/configs/default.yaml is used.
+Every field of ModelArguments, LoraArguments, DataArguments, EvalArguments and NeuCLIPTrainingArguments is a flag;
+a leading YAML/JSON file gives values the flags override. With no arguments, recipes/configs/default.yaml is used.
 """
 
 from __future__ import annotations

@@ -41,7 +41,8 @@ def eval_rows(n: int = 10, seed: int = 7) -> list[dict]:
     for i, image in enumerate(random_images(n, seed=seed)):
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
-        rows.append({"image": buffer.getvalue(), "label": i % len(CLASSES), "caption": f"a photo of a {CLASSES[i % 5]}"})
+        label = i % len(CLASSES)
+        rows.append({"image": buffer.getvalue(), "label": label, "caption": f"a photo of a {CLASSES[label]}"})
     return rows
 
 
@@ -68,8 +69,8 @@ def build_trainer(output_dir, objective: str = "neuclip", steps: int = 2, lora: 
                   report_to=[], use_cpu=True, disable_tqdm=True, seed=0, save_strategy="no", warmup_steps=0,
                   learning_rate=1e-3)
     values.update(arg_overrides)
-    trainer = NeuCLIPTrainer(model=model, args=NeuCLIPTrainingArguments(**values), train_dataset=CaptionPairs(processor),
-                             processing_class=processor)
+    trainer = NeuCLIPTrainer(model=model, args=NeuCLIPTrainingArguments(**values),
+                             train_dataset=CaptionPairs(processor), processing_class=processor)
     rows = eval_rows()
     data = EvalData(lambda: (normalize_row(row) for row in rows), CLASSES, "random labelled images")
     evaluator = ZeroShotEvaluator(processor, data, templates=PROMPTS, batch_size=16)

@@ -15,6 +15,8 @@ from huggingface_hub import ModelCard
 SENTINEL = "hf_SENTINELtokenNEVERtoLEAK0123456789"  # HF_TOKEN of every pushing process
 REMOTE_CODE = {"configuration_neuclip.py", "modeling_neuclip.py", "normalizers.py", "objectives.py", "distributed.py"}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+REPOS = ("user/neuclip-tiny", "user/neuclip-lora", "user/neuclip-lora-library", "user/neuclip-tiny-normalizer",
+         "user/neuclip-base")
 
 PREAMBLE = """
 import json, logging, sys
@@ -41,7 +43,8 @@ def outputs(model):
     model.eval()
     with torch.no_grad():
         out = model(input_ids=probe["input_ids"], pixel_values=probe["pixel_values"])
-    return {"image_embeds": out.image_embeds, "text_embeds": out.text_embeds, "logits": out.logits_per_image.contiguous()}
+    logits = out.logits_per_image.contiguous()  # a transposed view: safetensors stores contiguous tensors
+    return {"image_embeds": out.image_embeds, "text_embeds": out.text_embeds, "logits": logits}
 
 # 1. A full model through the Trainer: --push_to_hub --hub_model_id, every_save background push, final push.
 trainer, callback = build_trainer("run", steps=2, push_to_hub=True, hub_model_id="user/neuclip-tiny",
@@ -62,6 +65,7 @@ lora_trainer, _ = build_trainer("lora_run", steps=2, model=base, lora=dict(r=4, 
                                 hub_model_id="user/neuclip-lora", hub_strategy="end")
 lora_trainer.train()
 lora_trainer.push_to_hub(training_data="random caption pairs", finetuned_from="user/neuclip-base")
+push_to_hub(lora_trainer.model, "user/neuclip-lora-library", processor)  # the library call on a PEFT model
 save_file(outputs(lora_trainer.model), "lora_outputs.safetensors")
 save_file({k: v.contiguous() for k, v in lora_trainer.model.get_base_model().normalizer.state_dict().items()},
           "lora_normalizer.safetensors")
@@ -82,7 +86,8 @@ def outputs(model):
     model.eval()
     with torch.no_grad():
         out = model(input_ids=probe["input_ids"], pixel_values=probe["pixel_values"])
-    return {"image_embeds": out.image_embeds, "text_embeds": out.text_embeds, "logits": out.logits_per_image.contiguous()}
+    logits = out.logits_per_image.contiguous()  # a transposed view: safetensors stores contiguous tensors
+    return {"image_embeds": out.image_embeds, "text_embeds": out.text_embeds, "logits": logits}
 
 def assert_close(actual, expected, atol=1e-6):
     for name, value in expected.items():
@@ -179,9 +184,12 @@ def test_pushed_repositories_hold_model_files_only(pushed):
     lora = set(hub.files("user/neuclip-lora"))
     assert {"README.md", "adapter_config.json", "adapter_model.safetensors", "normalizer.safetensors",
             "normalizer_config.json"} <= lora and "model.safetensors" not in lora
+    library = set(hub.files("user/neuclip-lora-library"))
+    assert {"README.md", "adapter_config.json", "adapter_model.safetensors", "normalizer.safetensors",
+            "normalizer_config.json", "tokenizer.json"} <= library and "model.safetensors" not in library
     assert set(hub.files("user/neuclip-tiny-normalizer")) == {"README.md", "normalizer.safetensors",
                                                               "normalizer_config.json"}
-    for repo in ("user/neuclip-tiny", "user/neuclip-lora", "user/neuclip-tiny-normalizer", "user/neuclip-base"):
+    for repo in REPOS:
         names = set(hub.files(repo))
         assert not [n for n in names if n.endswith(PICKLE_SUFFIXES) or n.startswith("checkpoint-")], names
     assert hub.count("commit", "user/neuclip-tiny") == 2  # the every_save push at step 2, then the final one
@@ -189,7 +197,7 @@ def test_pushed_repositories_hold_model_files_only(pushed):
 
 def test_token_never_leaves_the_process(pushed):
     hub, _, _, output = pushed
-    for repo in ("user/neuclip-tiny", "user/neuclip-lora", "user/neuclip-tiny-normalizer", "user/neuclip-base"):
+    for repo in REPOS:
         for name, content in hub.files(repo).items():
             assert SENTINEL.encode() not in content, f"{repo}/{name} contains the token"
     assert "DEBUG" in output and SENTINEL not in output  # debug logs of every library were captured and are clean
