@@ -1,7 +1,9 @@
 """LoRA through peft: adapters on both towers, the normaliser trained in full, save / reload / merge, exact resume."""
 
+import importlib.util
 import os
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,6 +11,7 @@ from helpers import tiny_batch, tiny_config
 from peft import LoraConfig, get_peft_model
 from test_trainer import final_state
 from trainer_helpers import make_trainer
+from zero_shot_helpers import small_processor
 
 from neuclip_hf import NeuCLIPModel
 from neuclip_hf.hub import NORMALIZER_CONFIG_NAME, NORMALIZER_WEIGHTS_NAME
@@ -109,6 +112,25 @@ def test_train_save_reload_and_merge_give_equal_outputs(tmp_path):
     for name, value in outputs(again, batch).items():
         torch.testing.assert_close(value, expected[name], atol=1e-5, rtol=1e-5, msg=name)
     assert torch.equal(again.normalizer.text_prototypes, trained.get_base_model().normalizer.text_prototypes)
+
+    # The same through the recipe, which also carries the processor saved next to the adapter.
+    small_processor().save_pretrained(tmp_path / "adapter")
+    recipe = load_recipe("merge_lora")
+    recipe.main(["--adapter", str(tmp_path / "adapter"), "--base", str(tmp_path / "base"),
+                 "--output", str(tmp_path / "recipe_merged")])
+    from_recipe = NeuCLIPModel.from_pretrained(tmp_path / "recipe_merged")
+    for name, value in outputs(from_recipe, batch).items():
+        torch.testing.assert_close(value, expected[name], atol=1e-5, rtol=1e-5, msg=name)
+    assert (tmp_path / "recipe_merged" / "tokenizer.json").is_file()
+
+
+def load_recipe(name: str):
+    """A recipe script as a module (recipes/ is not a package)."""
+    path = Path(__file__).resolve().parents[1] / "recipes" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"recipe_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_save_lora_then_continue_training(tmp_path):
