@@ -46,6 +46,15 @@ def eval_rows(n: int = 10, seed: int = 7) -> list[dict]:
     return rows
 
 
+def embeddings_and_logits(model, batch) -> dict:
+    """`image_embeds`, `text_embeds` and `logits` (per image) of `model` in eval mode (LoRA dropout off)."""
+    model.eval()
+    with torch.no_grad():
+        out = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"])
+    logits = out.logits_per_image.contiguous()  # a transposed view: safetensors stores contiguous tensors
+    return {"image_embeds": out.image_embeds, "text_embeds": out.text_embeds, "logits": logits}
+
+
 def hub_model(seed: int = 0, objective: str = "neuclip") -> NeuCLIPModel:
     """The small real-vocabulary model of `zero_shot_helpers` with a cheap normaliser (64 prototypes, 2 inner
     steps: the paper's 4096 x 10 would dominate a CPU test)."""

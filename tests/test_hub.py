@@ -31,7 +31,7 @@ from safetensors.torch import save_file, load_file
 
 PUSH = PREAMBLE + """
 from zero_shot_helpers import random_images, small_processor
-from hub_helpers import CLASSES, build_trainer, hub_model
+from hub_helpers import CLASSES, build_trainer, embeddings_and_logits, hub_model
 from neuclip_hf import NeuCLIPModel, push_normalizer, push_to_hub
 
 processor = small_processor()
@@ -40,11 +40,7 @@ probe = processor(text=[f"a photo of a {c}" for c in CLASSES], images=random_ima
 save_file({"input_ids": probe["input_ids"], "pixel_values": probe["pixel_values"]}, "probe.safetensors")
 
 def outputs(model):
-    model.eval()
-    with torch.no_grad():
-        out = model(input_ids=probe["input_ids"], pixel_values=probe["pixel_values"])
-    logits = out.logits_per_image.contiguous()  # a transposed view: safetensors stores contiguous tensors
-    return {"image_embeds": out.image_embeds, "text_embeds": out.text_embeds, "logits": logits}
+    return embeddings_and_logits(model, probe)
 
 # 1. A full model through the Trainer: --push_to_hub --hub_model_id, every_save background push, final push.
 trainer, callback = build_trainer("run", steps=2, push_to_hub=True, hub_model_id="user/neuclip-tiny",
@@ -79,15 +75,12 @@ import neuclip_hf
 from neuclip_hf import NeuCLIPModel, load_normalizer
 from neuclip_hf.lora import load_lora, merge_lora
 from zero_shot_helpers import random_images
+from hub_helpers import embeddings_and_logits
 
 probe, reference = load_file("probe.safetensors"), load_file("full_state.safetensors")
 
 def outputs(model):
-    model.eval()
-    with torch.no_grad():
-        out = model(input_ids=probe["input_ids"], pixel_values=probe["pixel_values"])
-    logits = out.logits_per_image.contiguous()  # a transposed view: safetensors stores contiguous tensors
-    return {"image_embeds": out.image_embeds, "text_embeds": out.text_embeds, "logits": logits}
+    return embeddings_and_logits(model, probe)
 
 def assert_close(actual, expected, atol=1e-6):
     for name, value in expected.items():

@@ -9,8 +9,8 @@ import pytest
 import torch
 from helpers import tiny_batch, tiny_config
 from peft import LoraConfig, get_peft_model
-from test_trainer import final_state
-from trainer_helpers import make_trainer
+from hub_helpers import embeddings_and_logits as outputs
+from trainer_helpers import assert_same_final_state, make_trainer
 from zero_shot_helpers import small_processor
 
 from neuclip_hf import NeuCLIPModel
@@ -18,14 +18,6 @@ from neuclip_hf.hub import NORMALIZER_CONFIG_NAME, NORMALIZER_WEIGHTS_NAME
 from neuclip_hf.lora import apply_lora, load_lora, lora_summary, merge_lora, save_lora
 
 LORA = dict(r=4, alpha=8.0)
-
-
-def outputs(model, batch):
-    """Embeddings and logits of `model` in eval mode (LoRA dropout off)."""
-    model.eval()
-    with torch.no_grad():
-        out = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"])
-    return {"image": out.image_embeds, "text": out.text_embeds, "logits": out.logits_per_image}
 
 
 def test_adapters_on_both_towers_and_normaliser_fully_trainable():
@@ -72,13 +64,7 @@ def test_lora_resume_equals_uninterrupted_run(tmp_path, objective):
     assert "model.safetensors" not in saved  # the frozen base is not duplicated into every checkpoint
     resumed = make_trainer(objective, tmp_path / "resumed", steps, lora=LORA, save_steps=steps // 2)
     resumed.train(resume_from_checkpoint=str(checkpoint))
-    expected, actual = final_state(full), final_state(resumed)
-    assert set(expected) == set(actual)
-    for name, value in expected.items():
-        if torch.is_tensor(value) and value.is_floating_point():
-            torch.testing.assert_close(actual[name], value, atol=1e-5, rtol=1e-5, msg=name)
-        else:
-            assert torch.equal(torch.as_tensor(actual[name]), torch.as_tensor(value)), name
+    assert_same_final_state(full, resumed)
 
 
 def test_train_save_reload_and_merge_give_equal_outputs(tmp_path):
