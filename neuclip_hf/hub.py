@@ -41,7 +41,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers.utils import logging
 
-from .normalizers import Normalizer, find_normalizer
+from .normalizers import find_normalizer
 from .version import __version__
 
 logger = logging.get_logger(__name__)
@@ -355,7 +355,7 @@ class _SavedNormalizer:
     prefix: str  # key prefix inside the weight files ("" for normalizer.safetensors)
 
 
-def _fetch(source: str, filename: str, hub_kwargs: dict) -> Path | None:
+def fetch_repo_file(source: str, filename: str, hub_kwargs: dict) -> Path | None:
     """A file of a local directory or Hub repository (None when the repository has no such file)."""
     local = Path(source)
     if local.is_dir():
@@ -369,26 +369,26 @@ def _fetch(source: str, filename: str, hub_kwargs: dict) -> Path | None:
 
 def _locate_normalizer(source: str, hub_kwargs: dict) -> _SavedNormalizer:
     """Find a normaliser in a normaliser-only or a full-model directory / repository (safetensors only)."""
-    description = _fetch(source, NORMALIZER_CONFIG_NAME, hub_kwargs)
+    description = fetch_repo_file(source, NORMALIZER_CONFIG_NAME, hub_kwargs)
     if description is not None:
         saved = json.loads(description.read_text())
-        weights = _fetch(source, NORMALIZER_WEIGHTS_NAME, hub_kwargs)
+        weights = fetch_repo_file(source, NORMALIZER_WEIGHTS_NAME, hub_kwargs)
         if saved.get("format") != NORMALIZER_FORMAT or weights is None:
             raise ValueError(f"{source} has a {NORMALIZER_CONFIG_NAME} but no valid {NORMALIZER_WEIGHTS_NAME}")
         return _SavedNormalizer(saved["objective"], saved.get("estimator_config", {}), [weights], "")
-    config = _fetch(source, "config.json", hub_kwargs)
+    config = fetch_repo_file(source, "config.json", hub_kwargs)
     if config is None:
         raise ValueError(f"{source} holds neither a {NORMALIZER_CONFIG_NAME} nor a model config.json")
     values = json.loads(config.read_text())
     if "objective" not in values:
         raise ValueError(f"{source} is a {values.get('model_type', 'non-NeuCLIP')} checkpoint: it holds no normaliser")
-    index = _fetch(source, "model.safetensors.index.json", hub_kwargs)
+    index = fetch_repo_file(source, "model.safetensors.index.json", hub_kwargs)
     if index is not None:  # sharded weights: fetch only the shards holding normaliser tensors
         weight_map = json.loads(index.read_text())["weight_map"]
         shards = sorted({f for k, f in weight_map.items() if k.startswith(NORMALIZER_PREFIX)})
-        files = [_fetch(source, shard, hub_kwargs) for shard in shards]
+        files = [fetch_repo_file(source, shard, hub_kwargs) for shard in shards]
     else:
-        files = [_fetch(source, "model.safetensors", hub_kwargs)]
+        files = [fetch_repo_file(source, "model.safetensors", hub_kwargs)]
     if not files or any(f is None for f in files):
         raise ValueError(f"{source} has no safetensors weights (only safetensors are read, never pickles)")
     objective = values["objective"]

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from .hub import NORMALIZER_CONFIG_NAME, _fetch, core_model, load_normalizer, save_normalizer
+from .hub import NORMALIZER_CONFIG_NAME, core_model, fetch_repo_file, load_normalizer, save_normalizer
 from .normalizers import find_normalizer
 
 DEFAULT_TARGET_MODULES = ("q_proj", "v_proj")
@@ -161,7 +161,7 @@ def load_lora(source: str | os.PathLike, base_model: torch.nn.Module | str | Non
     if base_model is None or isinstance(base_model, (str, Path)):
         path = str(base_model) if base_model is not None else PeftConfig.from_pretrained(source, **hub_kwargs)\
             .base_model_name_or_path
-        description = _fetch(source, NORMALIZER_CONFIG_NAME, hub_kwargs)
+        description = fetch_repo_file(source, NORMALIZER_CONFIG_NAME, hub_kwargs)
         overrides = {}
         if description is not None:  # rebuild the base with the normaliser the adapter was trained with
             saved = json.loads(description.read_text())
@@ -169,7 +169,7 @@ def load_lora(source: str | os.PathLike, base_model: torch.nn.Module | str | Non
         base_model = NeuCLIPModel.from_clip_pretrained(path, **overrides)
     _remember_trainable(base_model)
     model = PeftModel.from_pretrained(base_model, source, is_trainable=is_trainable, **hub_kwargs)
-    if _fetch(source, NORMALIZER_CONFIG_NAME, hub_kwargs) is not None:
+    if fetch_repo_file(source, NORMALIZER_CONFIG_NAME, hub_kwargs) is not None:
         load_normalizer(model, source, **hub_kwargs)
     if is_trainable:
         keep_normalizer_trainable(model)

@@ -60,6 +60,12 @@ def test_load_from_a_full_model_directory(tmp_path):
     load_normalizer(target, tmp_path / "model")
     assert_same_normalizer(source, target)
     assert bool(target.normalizer.has_previous)
+    # Sharded weights: only the index and the shards holding normaliser tensors are read.
+    source.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    sharded = NeuCLIPModel(tiny_config("amorlip"))
+    load_normalizer(sharded, tmp_path / "sharded")
+    assert_same_normalizer(source, sharded)
 
 
 def test_warm_start_through_model_arguments(tmp_path):
