@@ -56,7 +56,8 @@ def build_normalizer(config) -> "Normalizer":
 
 
 def find_normalizer(model: torch.nn.Module) -> Normalizer:
-    """The normaliser that the model's forward uses (works through DDP, PEFT and `modules_to_save` wrappers)."""
+    """The normaliser that the model's forward uses, through DDP and PEFT wrappers (under peft's `modules_to_save`,
+    which `neuclip_hf.lora` refuses, the trained copy)."""
     found = [m for m in model.modules() if isinstance(m, Normalizer)]
     if not found:
         raise TypeError(f"{type(model).__name__} has no normaliser: NeuCLIPTrainer trains NeuCLIPModel")
