@@ -17,7 +17,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["neuclip_hf", "neuclip_hf.*"]),
-    package_data={"neuclip_hf": ["assets/*", "metrics/*/*.py", "templates/*"]},
+    package_data={"neuclip_hf": ["assets/*", "metrics/*/*.py", "templates/*", "model_cards/*.md"]},
     include_package_data=True,
     # torch is deliberately not listed first-class: install the wheel for your platform before this package
     # (CPU: `pip install torch==2.13.0`), otherwise pip may pull a multi-GB CUDA build. torchvision is not needed.
@@ -29,6 +29,7 @@ setup(
         "peft>=0.17",
         "evaluate>=0.4",
         "huggingface_hub>=1.0",
+        "jinja2",  # model cards are rendered from templates (huggingface_hub.ModelCard.from_template)
         "safetensors>=0.4",
         "pillow>=10",
         "tqdm",

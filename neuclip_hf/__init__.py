@@ -36,6 +36,9 @@ from .version import __version__
 from .eval_data import EvalData, open_eval_data
 from .evaluation import ZeroShotEvalCallback, ZeroShotEvaluator, evaluate_pretrained, load_model_and_processor
 from .metrics import classification_metrics, load_metric, retrieval_metrics
+from .hub import HubPushError, RetryPolicy, load_normalizer, push_normalizer, push_to_hub, save_normalizer
+from .lora import apply_lora, load_lora, merge_lora, save_lora
+from .model_card import TrainingSummary, build_model_card
 from .zero_shot import (
     ZeroShotClassifier,
     encode_images,
@@ -72,6 +75,18 @@ __all__ = [
     "build_normalizer",
     "register_normalizer",
     "EvalData",
+    "HubPushError",
+    "RetryPolicy",
+    "TrainingSummary",
+    "apply_lora",
+    "build_model_card",
+    "load_lora",
+    "load_normalizer",
+    "merge_lora",
+    "push_normalizer",
+    "push_to_hub",
+    "save_lora",
+    "save_normalizer",
     "ZeroShotClassifier",
     "ZeroShotEvalCallback",
     "ZeroShotEvaluator",

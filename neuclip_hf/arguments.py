@@ -33,6 +33,12 @@ class ModelArguments:
                           "openai/clip-vit-base-patch32). Its encoders, tokenizer and processor are loaded; only the "
                           "normaliser is new."},
     )
+    init_normalizer_from: str | None = field(
+        default=None,
+        metadata={"help": "Warm-start the normaliser from a normaliser repository / directory (normalizer.safetensors "
+                          "+ normalizer_config.json, see neuclip_hf.hub.push_normalizer) or a NeuCLIP checkpoint; the "
+                          "objective and the tensor shapes must match."},
+    )
     tokenizer: str | None = field(
         default=None,
         metadata={"help": "Tokenizer directory or Hub id (default: OpenAI's CLIP BPE, built offline)."},
@@ -58,6 +64,20 @@ class EvalArguments:
         default=None, metadata={"help": "Evaluate on at most this many held-out samples (default: all)."}
     )
     eval_batch_size: int = field(default=256, metadata={"help": "Images encoded at a time during evaluation."})
+
+
+@dataclass
+class LoraArguments:
+    """LoRA flags of the training recipe (`--lora_r 16` enables it)."""
+
+    lora_r: int = field(default=0, metadata={"help": "LoRA rank; 0 trains the full encoders (no LoRA)."})
+    lora_alpha: float = field(default=32.0, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
+    lora_target_modules: str = field(
+        default="q_proj,v_proj",
+        metadata={"help": "Comma-separated module names inside both encoders that get adapters (CLIP attention: "
+                          "q_proj, k_proj, v_proj, out_proj; MLP: fc1, fc2)."},
+    )
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input."})
 
 
 def parse_overrides(text: str | None) -> dict[str, Any]:

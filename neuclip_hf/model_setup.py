@@ -7,7 +7,9 @@ from pathlib import Path
 from transformers import AutoProcessor, CLIPProcessor
 from transformers.utils import logging
 
-from .arguments import ModelArguments, parse_overrides
+from .arguments import LoraArguments, ModelArguments, parse_overrides
+from .hub import load_normalizer
+from .lora import apply_lora
 from .modeling_neuclip import NeuCLIPModel
 from .presets import model_config
 from .tokenization import build_clip_processor
@@ -32,8 +34,21 @@ def build_model(model_args: ModelArguments, **extra_overrides) -> NeuCLIPModel:
     overrides = {**parse_overrides(model_args.config_overrides), **extra_overrides, "objective": model_args.objective}
     if model_args.init_from:
         logger.info(f"Continued pretraining from {model_args.init_from}: encoders loaded, normaliser new")
-        return NeuCLIPModel.from_clip_pretrained(model_args.init_from, **overrides)
-    return NeuCLIPModel(model_config(model_args.model_preset, **overrides))
+        model = NeuCLIPModel.from_clip_pretrained(model_args.init_from, **overrides)
+    else:
+        model = NeuCLIPModel(model_config(model_args.model_preset, **overrides))
+    if model_args.init_normalizer_from:
+        load_normalizer(model, model_args.init_normalizer_from)  # raises on another objective or other shapes
+    return model
+
+
+def maybe_apply_lora(model: NeuCLIPModel, lora_args: LoraArguments):
+    """The model wrapped for LoRA training when `--lora_r` > 0 (see `neuclip_hf.lora`), else the model itself."""
+    if lora_args.lora_r <= 0:
+        return model
+    logger.info(f"LoRA r={lora_args.lora_r} on {lora_args.lora_target_modules} of both towers; normaliser in full")
+    return apply_lora(model, r=lora_args.lora_r, alpha=lora_args.lora_alpha,
+                      target_modules=lora_args.lora_target_modules, dropout=lora_args.lora_dropout)
 
 
 def build_processor(model_args: ModelArguments, model: NeuCLIPModel) -> CLIPProcessor:

@@ -90,6 +90,7 @@ class NeuCLIPModel(CLIPModel):
     def _init_weights(self, module):
         if isinstance(module, Normalizer):
             module.reset_parameters()  # estimator-specific init (the CLIP default would give Linear std 1.0)
+            module.reset_buffers()  # counters / tables / banks a loaded checkpoint lacked: zero, not garbage
         elif not getattr(module, "_owned_by_normalizer", False):
             super()._init_weights(module)
 

@@ -55,6 +55,18 @@ def build_normalizer(config) -> "Normalizer":
     return NORMALIZERS[config.objective](config)
 
 
+def find_normalizer(model: torch.nn.Module) -> Normalizer:
+    """The normaliser that the model's forward uses, through DDP and PEFT wrappers (under peft's `modules_to_save`,
+    which `neuclip_hf.lora` refuses, the trained copy)."""
+    found = [m for m in model.modules() if isinstance(m, Normalizer)]
+    if not found:
+        raise TypeError(f"{type(model).__name__} has no normaliser: NeuCLIPTrainer trains NeuCLIPModel")
+    if len(found) > 1:  # PEFT's modules_to_save keeps a frozen original next to the trained copy
+        trainable = [m for m in found if any(p.requires_grad for p in m.parameters())]
+        found = trainable or found
+    return found[-1]
+
+
 def _zero_counter() -> torch.Tensor:
     return torch.zeros((), dtype=torch.long)
 
@@ -72,6 +84,8 @@ class Normalizer(nn.Module):
     needs_sample_ids: ClassVar[bool] = False
     # Whether `loss`/`update` read the detached batch statistics (a B x B similarity matrix per step).
     needs_statistics: ClassVar[bool] = True
+    # Initial values of the buffers that do not start at zero (counters, tables, banks and flags start at zero).
+    buffer_initial_values: ClassVar[dict[str, float]] = {}
 
     def __init__(self, config):
         super().__init__()
@@ -82,6 +96,15 @@ class Normalizer(nn.Module):
     # -- parameters and optimizer ------------------------------------------------------------------------------
     def reset_parameters(self) -> None:
         """(Re-)initialise learnable state. Called by the model's weight init (guarded against loaded tensors)."""
+
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """Give every buffer not loaded from a checkpoint its initial value. Called by the model's weight init:
+        `from_pretrained` materialises the buffers a checkpoint lacks (a CLIP checkpoint has no normaliser)
+        uninitialised, so counters, tables and banks would otherwise start from garbage."""
+        for name, buffer in self.named_buffers():
+            if not getattr(buffer, "_is_hf_initialized", False):  # set by transformers on tensors it loaded
+                buffer.fill_(self.buffer_initial_values.get(name.rsplit(".", 1)[-1], 0))
 
     def encoder_parameter_names(self) -> set[str]:
         """Names (relative to this module) of parameters trained with the encoders rather than by `update`."""
@@ -232,6 +255,7 @@ class MovingAverageNormalizer(NormalizerEstimator):
 
     objective = "fastclip"
     needs_sample_ids = True
+    buffer_initial_values = {"slot_ids": -1}  # -1: a free table slot (map mode)
 
     def __init__(self, config):
         super().__init__(config)

@@ -28,8 +28,10 @@ from transformers.utils import logging
 
 from .checkpointing import resolve_resume_checkpoint, write_marker
 from .distributed import rank_and_world_size
+from .hub import NORMALIZER_WEIGHTS_NAME, RetryPolicy, is_peft_model, load_normalizer, save_normalizer
 from .images import BAD_SAMPLE_REASONS
-from .normalizers import Normalizer
+from .normalizers import Normalizer, find_normalizer
+from .trainer_hub import HubPushMixin
 
 logger = logging.get_logger(__name__)
 
@@ -79,6 +81,12 @@ class NeuCLIPTrainingArguments(TrainingArguments):
     ddp_find_unused_parameters: bool | None = field(default=False, metadata={"help": "All encoder weights are used."})
     logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
     dataloader_drop_last: bool = field(default=True, metadata={"help": "Equal batches on every rank."})
+    hub_push_attempts: int = field(
+        default=4, metadata={"help": "Attempts of each Hub call of a push (network errors, HTTP 408/429/5xx)."}
+    )
+    hub_push_backoff: float = field(
+        default=2.0, metadata={"help": "Seconds before the first retry of a Hub call; doubles per retry (max 60)."}
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -102,6 +110,13 @@ class NeuCLIPTrainingArguments(TrainingArguments):
             raise ValueError(f"--max_consecutive_nonfinite={self.max_consecutive_nonfinite} must be >= 1")
         if self.rho_schedule is not None and len(self.rho_schedule) == 0:
             raise ValueError("--rho_schedule needs at least one value")
+        if self.push_to_hub and self.hub_strategy in ("checkpoint", "all_checkpoints"):
+            strategy = getattr(self.hub_strategy, "value", self.hub_strategy)
+            raise ValueError(
+                f"--hub_strategy={strategy} is not supported: checkpoints hold pickled optimizer and RNG states, "
+                "which neuclip_hf never uploads. Use every_save (the model files of each save) or end."
+            )
+        RetryPolicy(self.hub_push_attempts, self.hub_push_backoff)  # validates both values
 
 
 class TemperatureThresholdLR:
@@ -120,17 +135,6 @@ class TemperatureThresholdLR:
 
     def __call__(self, step: int) -> float:
         return self.factor if self.crossed else 1.0
-
-
-def find_normalizer(model: torch.nn.Module) -> Normalizer:
-    """The normaliser that the model's forward uses (works through DDP, PEFT and `modules_to_save` wrappers)."""
-    found = [m for m in model.modules() if isinstance(m, Normalizer)]
-    if not found:
-        raise TypeError(f"{type(model).__name__} has no normaliser: NeuCLIPTrainer trains NeuCLIPModel")
-    if len(found) > 1:  # PEFT's modules_to_save keeps a frozen original next to the trained copy
-        trainable = [m for m in found if any(p.requires_grad for p in m.parameters())]
-        found = trainable or found
-    return found[-1]
 
 
 class EndlessLoader:
@@ -174,7 +178,7 @@ class _AfterOptimizerStep(TrainerCallback):
         self.trainer.after_optimizer_step()
 
 
-class NeuCLIPTrainer(Trainer):
+class NeuCLIPTrainer(HubPushMixin, Trainer):
     """Trainer for `NeuCLIPModel` with any objective (`model.config.objective`).
 
     Args:
@@ -196,6 +200,9 @@ class NeuCLIPTrainer(Trainer):
         if not isinstance(args, NeuCLIPTrainingArguments):
             raise TypeError(f"NeuCLIPTrainer needs NeuCLIPTrainingArguments, got {type(args).__name__}")
         self._check_output_dir(args.output_dir)
+        # Used by the Hub pushes (the repository is created inside Trainer.__init__ under --push_to_hub).
+        self.hub_retry = RetryPolicy(args.hub_push_attempts, args.hub_push_backoff)
+        self.card_info: dict = {}
         super().__init__(model=model, args=args, **kwargs)
         self._train_loader_factory = train_loader_factory
         self._train_loader = None
@@ -269,6 +276,10 @@ class NeuCLIPTrainer(Trainer):
 
     def create_optimizer(self, model=None):
         opt_model = self.model if model is None else model
+        if is_peft_model(opt_model):
+            from .lora import check_lora_model
+
+            check_lora_model(opt_model)
         normalizer = find_normalizer(opt_model)
         if self.optimizer is None:
             estimator_params = {id(p) for p in normalizer.estimator_parameters()}
@@ -478,6 +489,23 @@ class NeuCLIPTrainer(Trainer):
         normalizer.optimizer.load_state_dict(state["optimizer"])
         if self.normalizer_scheduler is not None and "scheduler" in state:
             self.normalizer_scheduler.load_state_dict(state["scheduler"])
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        super()._save(output_dir, state_dict)
+        if self.args.should_save and is_peft_model(self.model):  # a PEFT save holds only the adapter
+            save_normalizer(self.model, output_dir if output_dir is not None else self.args.output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        model = self.model if model is None else model
+        if is_peft_model(model):  # the adapter was loaded above; the normaliser is stored next to it
+            if not os.path.isfile(os.path.join(resume_from_checkpoint, NORMALIZER_WEIGHTS_NAME)):
+                raise ValueError(f"{resume_from_checkpoint} has no {NORMALIZER_WEIGHTS_NAME}: it was not written by "
+                                 "NeuCLIPTrainer, so the normaliser cannot be resumed")
+            from .lora import keep_normalizer_trainable
+
+            load_normalizer(model, resume_from_checkpoint, local_files_only=True)
+            keep_normalizer_trainable(model)  # loading an adapter may re-freeze the base model
 
     def _save_checkpoint(self, model, trial) -> None:
         # Rotation (deleting old checkpoints) waits until the new checkpoint is complete.

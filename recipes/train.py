@@ -5,8 +5,11 @@
     accelerate launch --config_file accelerate_config.yaml recipes/train.py recipes/configs/cc12m_vit_b32.yaml
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 --num_machines 1 recipes/train.py
 
-Every field of ModelArguments, DataArguments, EvalArguments and NeuCLIPTrainingArguments is a flag; a leading YAML/JSON file gives
-values the flags override. With no arguments, recipes/configs/default.yaml is used.
+LoRA: `--lora_r 16 [--lora_alpha 32 --lora_target_modules q_proj,v_proj --lora_dropout 0.05]`; Hub: `--push_to_hub
+--hub_model_id user/name` (model files and a model card; see neuclip_hf.hub).
+
+Every field of ModelArguments, LoraArguments, DataArguments, EvalArguments and NeuCLIPTrainingArguments is a flag;
+a leading YAML/JSON file gives values the flags override. With no arguments, recipes/configs/default.yaml is used.
 """
 
 from __future__ import annotations
@@ -19,11 +22,11 @@ from pathlib import Path
 from transformers import set_seed
 from transformers.utils import logging
 
-from neuclip_hf.arguments import EvalArguments, ModelArguments, parse_arguments
+from neuclip_hf.arguments import EvalArguments, LoraArguments, ModelArguments, parse_arguments
 from neuclip_hf.data import DataArguments, build_train_dataloader, count_samples
 from neuclip_hf.distributed import rank_and_world_size
 from neuclip_hf.evaluation import ZeroShotEvalCallback, ZeroShotEvaluator, format_metrics_table
-from neuclip_hf.model_setup import build_model, build_processor
+from neuclip_hf.model_setup import build_model, build_processor, maybe_apply_lora
 from neuclip_hf.trainer import NeuCLIPTrainer, NeuCLIPTrainingArguments
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
@@ -32,9 +35,9 @@ logger = logging.get_logger("neuclip_hf.recipes.train")
 
 def main(argv: list[str] | None = None) -> dict:
     # 1. Arguments: dataclass defaults < YAML/JSON file < command line.
-    model_args, data_args, eval_args, training_args = parse_arguments(
-        (ModelArguments, DataArguments, EvalArguments, NeuCLIPTrainingArguments), sys.argv[1:] if argv is None else argv,
-        default_config=DEFAULT_CONFIG,
+    model_args, lora_args, data_args, eval_args, training_args = parse_arguments(
+        (ModelArguments, LoraArguments, DataArguments, EvalArguments, NeuCLIPTrainingArguments),
+        sys.argv[1:] if argv is None else argv, default_config=DEFAULT_CONFIG,
     )
     if training_args.max_steps <= 0:
         raise ValueError("--max_steps must be set (> 0): the training data is streamed and has no length")
@@ -45,8 +48,9 @@ def main(argv: list[str] | None = None) -> dict:
     if model_args.objective == "fastclip":
         extra = {"fastclip_dataset_size": data_args.dataset_size or count_samples(data_args),
                  "fastclip_id_mode": "map"}
-    model = build_model(model_args, **extra)
+    model = build_model(model_args, **extra)  # --init_from / --init_normalizer_from are applied here
     processor = build_processor(model_args, model)
+    model = maybe_apply_lora(model, lora_args)  # --lora_r > 0: adapters on both towers, normaliser in full
 
     # 3. Streaming input: each rank reads its own shards, position saved in every checkpoint.
     def train_loader():
@@ -65,10 +69,12 @@ def main(argv: list[str] | None = None) -> dict:
     trainer = NeuCLIPTrainer(model=model, args=training_args, processing_class=processor,
                              train_loader_factory=train_loader)
     eval_callback.attach(trainer)
+    # What the model card says about the run (also used by the background pushes of --hub_strategy every_save).
+    trainer.card_info.update(training_data=data_args.train_data or "the embedded Fashion-MNIST captions",
+                             finetuned_from=model_args.init_from)
 
-    # 5. Train, save (model + processor), report.
+    # 5. Train, save (model + processor; LoRA: adapter + normaliser), report, push (the model files and a card).
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.save_model(training_args.output_dir)
     metrics = eval_callback.results["latest"] or {}
     summary = {"output_dir": os.path.abspath(training_args.output_dir), "objective": model_args.objective,
                "global_step": trainer.state.global_step, "eval": metrics}
@@ -76,9 +82,12 @@ def main(argv: list[str] | None = None) -> dict:
         Path(training_args.output_dir, "eval_results.json").write_text(json.dumps(summary, indent=2) + "\n")
         print(format_metrics_table(metrics))
         print(f"\nzero-shot top-1 accuracy on the held-out split: {metrics.get('acc1', float('nan')):.2%}")
-        print(f"model and processor saved to {summary['output_dir']}")
     if training_args.push_to_hub:
-        trainer.push_to_hub()
+        trainer.push_to_hub()  # saves the model first; raises HubPushError (files kept) if the upload fails
+    else:
+        trainer.save_model(training_args.output_dir)
+    if trainer.is_world_process_zero():
+        print(f"model and processor saved to {summary['output_dir']}")
     return summary
 
 

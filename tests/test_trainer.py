@@ -8,21 +8,10 @@ import pytest
 import torch
 from transformers import TrainerCallback
 from helpers import OBJECTIVES
-from trainer_helpers import PairDataset, make_trainer
+from trainer_helpers import PairDataset, assert_same_final_state, make_trainer
 
 from neuclip_hf.checkpointing import MARKER, is_complete_checkpoint
 from neuclip_hf.trainer import NORMALIZER_STATE_NAME, NeuCLIPTrainingArguments
-
-
-def final_state(trainer):
-    model = trainer.core_model
-    state = {f"model.{k}": v.detach().clone() for k, v in model.state_dict().items()}
-    optimizer = trainer.normalizer.optimizer
-    if optimizer is not None:
-        for i, param_state in enumerate(optimizer.state_dict()["state"].values()):
-            for k, v in param_state.items():
-                state[f"normalizer_optimizer.{i}.{k}"] = v.detach().clone() if torch.is_tensor(v) else v
-    return state
 
 
 @pytest.mark.parametrize("streaming", [False, True], ids=["map_dataset", "stateful_stream"])
@@ -41,13 +30,7 @@ def test_resume_equals_uninterrupted_run(tmp_path, objective, streaming):
     torch.manual_seed(123)  # a different initialisation: everything must come from the checkpoint
     resumed = make_trainer(objective, tmp_path / "resumed", steps, streaming, save_steps=steps // 2)
     resumed.train(resume_from_checkpoint=str(checkpoint))
-    expected, actual = final_state(full), final_state(resumed)
-    assert set(expected) == set(actual)
-    for name, value in expected.items():
-        if torch.is_tensor(value) and value.is_floating_point():
-            torch.testing.assert_close(actual[name], value, atol=1e-5, rtol=1e-5, msg=name)
-        else:
-            assert torch.equal(torch.as_tensor(actual[name]), torch.as_tensor(value)), name
+    assert_same_final_state(full, resumed)
 
 
 def test_half_written_checkpoint_is_not_used(tmp_path):

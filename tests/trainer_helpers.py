@@ -34,9 +34,14 @@ def stateful_loader(dataset, batch_size: int = 8) -> StatefulDataLoader:
 
 
 def make_trainer(objective: str, output_dir, max_steps: int, streaming: bool = False, model_kwargs=None,
-                 dataset=None, **arg_overrides) -> NeuCLIPTrainer:
+                 dataset=None, lora: dict | None = None, **arg_overrides) -> NeuCLIPTrainer:
+    """A NeuCLIPTrainer on a tiny model (LoRA-wrapped by `neuclip_hf.lora.apply_lora(**lora)` if given)."""
     torch.manual_seed(0)
     model = NeuCLIPModel(tiny_config(objective, **(model_kwargs or {})))
+    if lora is not None:
+        from neuclip_hf.lora import apply_lora
+
+        model = apply_lora(model, **lora)
     values = dict(
         output_dir=str(output_dir), max_steps=max_steps, per_device_train_batch_size=8, logging_steps=1,
         report_to=[], use_cpu=True, disable_tqdm=True, seed=0, data_seed=0, save_strategy="steps",
@@ -48,3 +53,26 @@ def make_trainer(objective: str, output_dir, max_steps: int, streaming: bool = F
     if streaming:
         return NeuCLIPTrainer(model=model, args=args, train_loader_factory=lambda: stateful_loader(dataset))
     return NeuCLIPTrainer(model=model, args=args, train_dataset=dataset)
+
+
+def final_state(trainer) -> dict:
+    """Every model tensor and the normaliser optimizer's per-parameter state of a trained trainer."""
+    model = trainer.core_model
+    state = {f"model.{k}": v.detach().clone() for k, v in model.state_dict().items()}
+    optimizer = trainer.normalizer.optimizer
+    if optimizer is not None:
+        for i, param_state in enumerate(optimizer.state_dict()["state"].values()):
+            for k, v in param_state.items():
+                state[f"normalizer_optimizer.{i}.{k}"] = v.detach().clone() if torch.is_tensor(v) else v
+    return state
+
+
+def assert_same_final_state(expected_trainer, actual_trainer) -> None:
+    """Model tensors and normaliser optimizer state of two trainers agree (floats to 1e-5, the rest exactly)."""
+    expected, actual = final_state(expected_trainer), final_state(actual_trainer)
+    assert set(expected) == set(actual)
+    for name, value in expected.items():
+        if torch.is_tensor(value) and value.is_floating_point():
+            torch.testing.assert_close(actual[name], value, atol=1e-5, rtol=1e-5, msg=name)
+        else:
+            assert torch.equal(torch.as_tensor(actual[name]), torch.as_tensor(value)), name

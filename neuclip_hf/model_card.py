@@ -1,0 +1,336 @@
+"""Model cards for pushed models, adapters and normalisers, rendered from the templates in `model_cards/`.
+
+The cards carry the training setup (objective, estimator hyper-parameters, data, steps, global batch, hardware),
+the in-training zero-shot results as `model-index` metadata, intended uses and limitations, and citations. They are
+built only from explicit fields (never from a dump of the training arguments), so no token or local secret can end
+up in them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from .version import __version__
+
+TEMPLATES = Path(__file__).parent / "model_cards"
+MODEL_TEMPLATE = TEMPLATES / "model_card.md"
+NORMALIZER_TEMPLATE = TEMPLATES / "normalizer_card.md"
+DEFAULT_LICENSE = "apache-2.0"
+SMALL_MODEL_PARAMETERS = 50_000_000  # below this the card says the model is a demonstration
+
+OBJECTIVES = {
+    "neuclip": ("NeuCLIP", "The per-anchor log-normaliser of the global contrastive loss is rewritten by convex "
+                "conjugation as a minimisation over a log-normaliser variable, which a compact prototype network "
+                "predicts; network and encoders are optimised alternately (Wei, Lin and Yang, ICLR 2026)."),
+    "amorlip": ("AmorLIP", "Small per-modality MLPs amortise each anchor's partition function; they regress "
+                "(blended) in-batch log-partition targets and the encoders divide by their estimate (Sun et al., "
+                "NeurIPS 2025)."),
+    "fastclip": ("FastCLIP-v3", "A moving average per training sample estimates its normaliser in the global "
+                 "contrastive loss (Wei et al., 2024)."),
+    "siglip": ("SigLIP", "A pairwise sigmoid loss with a learned logit bias replaces the softmax normaliser (Zhai et "
+               "al., ICCV 2023)."),
+    "clip": ("CLIP", "The symmetric InfoNCE loss normalised over the mini-batch (Radford et al., ICML 2021)."),
+}
+
+CITATIONS = {
+    "neuclip": """@inproceedings{wei2026neuclip,
+  title         = {NeuCLIP: Efficient Large-Scale CLIP Training with Neural Normalizer Optimization},
+  author        = {Wei, Xiyuan and Lin, Chih-Jen and Yang, Tianbao},
+  booktitle     = {International Conference on Learning Representations (ICLR)},
+  year          = {2026},
+  eprint        = {2511.08417},
+  archivePrefix = {arXiv}
+}""",
+    "amorlip": """@inproceedings{sun2025amorlip,
+  title         = {AmorLIP: Efficient Language-Image Pretraining via Amortization},
+  author        = {Sun, Haotian and Li, Yitong and Zhuang, Yuchen and He, Niao and Dai, Hanjun and Dai, Bo},
+  booktitle     = {Advances in Neural Information Processing Systems (NeurIPS)},
+  year          = {2025},
+  eprint        = {2505.18983},
+  archivePrefix = {arXiv}
+}""",
+    "fastclip": """@article{wei2024fastclip,
+  title   = {FastCLIP: A Suite of Optimization Techniques to Accelerate CLIP Training with Limited Resources},
+  author  = {Wei, Xiyuan and Ye, Fanjiang and Yonay, Ori and Chen, Xingyu and Sun, Baixi and Tao, Dingwen and
+             Yang, Tianbao},
+  journal = {arXiv preprint arXiv:2407.01445},
+  year    = {2024}
+}""",
+    "siglip": """@inproceedings{zhai2023siglip,
+  title         = {Sigmoid Loss for Language Image Pre-Training},
+  author        = {Zhai, Xiaohua and Mustafa, Basil and Kolesnikov, Alexander and Beyer, Lucas},
+  booktitle     = {IEEE/CVF International Conference on Computer Vision (ICCV)},
+  year          = {2023},
+  eprint        = {2303.15343},
+  archivePrefix = {arXiv}
+}""",
+    "clip": """@inproceedings{radford2021clip,
+  title         = {Learning Transferable Visual Models From Natural Language Supervision},
+  author        = {Radford, Alec and Kim, Jong Wook and Hallacy, Chris and Ramesh, Aditya and Goh, Gabriel and
+                   Agarwal, Sandhini and Sastry, Girish and Askell, Amanda and Mishkin, Pamela and Clark, Jack and
+                   Krueger, Gretchen and Sutskever, Ilya},
+  booktitle     = {International Conference on Machine Learning (ICML)},
+  year          = {2021},
+  eprint        = {2103.00020},
+  archivePrefix = {arXiv}
+}""",
+}
+
+# Metrics of `ZeroShotEvaluator` that go into `model-index`: name -> (task type, metric type, pretty name).
+CLASSIFICATION_METRICS = {
+    "acc1": ("accuracy", "Top-1 accuracy"),
+    "acc5": ("top_5_accuracy", "Top-5 accuracy"),
+    "mean_per_class_recall": ("mean_per_class_recall", "Mean per-class recall"),
+}
+RETRIEVAL_TASK = ("image-text-retrieval", "Image-text retrieval")
+CLASSIFICATION_TASK = ("zero-shot-image-classification", "Zero-shot image classification")
+
+
+@dataclass
+class TrainingSummary:
+    """What a card says about the training run; every field is optional.
+
+    Attributes:
+        training_data: The training data (a Hub dataset id goes into the `datasets` metadata).
+        steps: Optimizer steps.
+        per_device_batch_size: Pairs per process and step.
+        num_processes: Data-parallel processes.
+        learning_rate: Peak encoder learning rate.
+        normalizer_learning_rate: The normaliser optimizer's learning rate (None: the config's).
+        precision: `fp32`, `bf16` or `fp16`.
+        hardware: E.g. `8 x NVIDIA H100 80GB HBM3`.
+        training_seconds: Wall-clock training time.
+        finetuned_from: The checkpoint training started from (continued pretraining).
+        final_temperature: T at the end of training.
+        lora: `{"r", "alpha", "dropout", "target_modules"}` when only a LoRA adapter was trained.
+    """
+
+    training_data: str | None = None
+    steps: int | None = None
+    per_device_batch_size: int | None = None
+    num_processes: int | None = None
+    learning_rate: float | None = None
+    normalizer_learning_rate: float | None = None
+    precision: str | None = None
+    hardware: str | None = None
+    training_seconds: float | None = None
+    finetuned_from: str | None = None
+    final_temperature: float | None = None
+    lora: dict | None = None
+
+    @property
+    def global_batch_size(self) -> int | None:
+        if self.per_device_batch_size is None:
+            return None
+        return self.per_device_batch_size * (self.num_processes or 1)
+
+    @classmethod
+    def from_trainer(cls, trainer, training_data: str | None = None, finetuned_from: str | None = None,
+                     lora: dict | None = None) -> "TrainingSummary":
+        """The summary of a `NeuCLIPTrainer` run (arguments, state and the hardware it ran on)."""
+        args, state = trainer.args, trainer.state
+        runtime = [entry["train_runtime"] for entry in state.log_history if "train_runtime" in entry]
+        return cls(
+            training_data=training_data,
+            steps=state.global_step,
+            per_device_batch_size=args.per_device_train_batch_size,
+            num_processes=trainer.accelerator.num_processes,
+            learning_rate=args.learning_rate,
+            normalizer_learning_rate=args.normalizer_learning_rate,
+            precision="bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
+            hardware=describe_hardware(args.device, trainer.accelerator.num_processes),
+            training_seconds=runtime[-1] if runtime else None,
+            finetuned_from=finetuned_from,
+            final_temperature=trainer.core_model.temperature,
+            lora=lora,
+        )
+
+
+def describe_hardware(device: torch.device | str, num_processes: int = 1) -> str:
+    """E.g. `2 x NVIDIA H100 80GB HBM3` or `1 x CPU process`."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        return f"{num_processes} x {torch.cuda.get_device_name(device)}"
+    name = {"cpu": "CPU process", "mps": "Apple MPS device", "xpu": "Intel XPU"}.get(device.type, device.type)
+    return f"{num_processes} x {name}{'es' if num_processes > 1 and name.endswith('process') else ''}"
+
+
+def _format(value: Any) -> str:
+    """A compact table cell."""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return "None" if value is None else str(value)
+
+
+def _duration(seconds: float | None) -> str:
+    """E.g. `42 s`, `12.5 min`, `3.20 h`."""
+    if not seconds:
+        return "not recorded"
+    return f"{seconds:.0f} s" if seconds < 60 else f"{seconds / 60:.1f} min" if seconds < 3600 else \
+        f"{seconds / 3600:.2f} h"
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f} %"
+
+
+def quality_metrics(metrics: dict[str, float] | None) -> dict[str, float]:
+    """The accuracy / recall metrics of an evaluation (drops counts and timings)."""
+    return {name: float(value) for name, value in (metrics or {}).items()
+            if (name in CLASSIFICATION_METRICS or "recall@" in name) and not math.isnan(float(value))}
+
+
+def _unpack_eval(eval_results: dict | None) -> tuple[dict, dict, int | None, int | None, str | None]:
+    """(latest metrics, best metrics, step of latest, best step, best metric) from a callback's `results` or a flat
+    metrics dict."""
+    if not eval_results:
+        return {}, {}, None, None, None
+    if "latest" in eval_results:  # ZeroShotEvalCallback.results
+        history = eval_results.get("history") or []
+        step = history[-1]["step"] if history else None
+        return (quality_metrics(eval_results.get("latest")), quality_metrics(eval_results.get("best")), step,
+                eval_results.get("best_step"), eval_results.get("metric_for_best", "acc1"))
+    return quality_metrics(eval_results), {}, None, None, None
+
+
+def model_index(metrics: dict[str, float], model_name: str, dataset_name: str, dataset_type: str,
+                dataset_split: str | None = None) -> list[EvalResult]:
+    """`model-index` entries for the zero-shot metrics (classification and retrieval)."""
+    results = []
+    for name, value in metrics.items():
+        if name in CLASSIFICATION_METRICS:
+            (task_type, task_name), (metric_type, metric_name) = CLASSIFICATION_TASK, CLASSIFICATION_METRICS[name]
+        else:  # e.g. image_retrieval_recall@5
+            (task_type, task_name), metric_type = RETRIEVAL_TASK, name.replace("@", "_at_")
+            metric_name = name.replace("_", " ").capitalize()  # e.g. "Image retrieval recall@5"
+        results.append(EvalResult(task_type=task_type, task_name=task_name, dataset_type=dataset_type,
+                                  dataset_name=dataset_name, dataset_split=dataset_split, metric_type=metric_type,
+                                  metric_value=round(value, 6), metric_name=metric_name))
+    return results
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in text.lower()).strip("_")[:64] or "custom"
+
+
+def _tower(config, vision: bool) -> str:
+    if vision:
+        return (f"ViT ({config.num_hidden_layers} layers, width {config.hidden_size}, patch {config.patch_size}, "
+                f"{config.image_size} px)")
+    return (f"Transformer ({config.num_hidden_layers} layers, width {config.hidden_size}, context "
+            f"{config.max_position_embeddings}, vocabulary {config.vocab_size})")
+
+
+def _citations(objective: str) -> str:
+    """NeuCLIP, AmorLIP and CLIP always (the package implements them), plus the objective's own paper."""
+    keys = ["neuclip", "amorlip", "clip"] + ([objective] if objective in ("fastclip", "siglip") else [])
+    return "\n\n".join(CITATIONS[key] for key in keys)
+
+
+def _hyperparameters(config) -> list[tuple[str, str]]:
+    from .hub import estimator_fields
+
+    rows = [(name, _format(value)) for name, value in estimator_fields(config).items()]
+    rows += [("rho", _format(config.rho)), ("temperature_init", _format(config.temperature_init)),
+             ("temperature_min", _format(config.temperature_min))]
+    return rows
+
+
+def build_model_card(model: torch.nn.Module, *, repo_id: str, training: TrainingSummary | None = None,
+                     eval_results: dict | None = None, eval_dataset: str | None = None,
+                     eval_dataset_id: str | None = None, license: str = DEFAULT_LICENSE, tags: list[str] | None = None,
+                     language: str | list[str] | None = "en", model_name: str | None = None) -> ModelCard:
+    """The card of a full model or (PEFT) adapter repository.
+
+    Args:
+        model: The NeuCLIPModel or LoRA-wrapped model being pushed.
+        repo_id: Its repository (used in the usage snippets).
+        training: The training setup (`TrainingSummary.from_trainer`).
+        eval_results: `ZeroShotEvalCallback.results` or a flat metrics dict (`ZeroShotEvaluator` output).
+        eval_dataset: Human-readable name of the evaluation data (e.g. the evaluator's `data.description`).
+        eval_dataset_id: Hub dataset id of the evaluation data, if it has one.
+        license: SPDX id or Hub license name of the weights.
+        tags: Extra tags.
+        language: Language(s) of the text encoder's training data.
+        model_name: Title of the card (default: the repository name).
+    """
+    from .hub import core_model, is_peft_model, looks_like_hub_id
+
+    training = training or TrainingSummary()
+    core = core_model(model)
+    config = core.config
+    objective = config.objective
+    title, description = OBJECTIVES.get(objective, (objective, ""))
+    model_name = model_name or repo_id.split("/")[-1]
+    adapter = is_peft_model(model)
+    latest, best, step, best_step, best_metric = _unpack_eval(eval_results)
+    eval_name = eval_dataset or "the held-out evaluation data"
+    finetuned = training.finetuned_from
+    base_model = finetuned if looks_like_hub_id(finetuned) else None
+    card_tags = ["neuclip_hf", "clip", "contrastive-learning", objective, "zero-shot-image-classification"]
+    card_tags += ["lora", "peft"] if adapter else []
+    card_tags += [t for t in (tags or []) if t not in card_tags]
+    data = ModelCardData(
+        language=language, license=license, library_name="peft" if adapter else "transformers",
+        pipeline_tag="zero-shot-image-classification", tags=card_tags, base_model=base_model,
+        datasets=[training.training_data] if looks_like_hub_id(training.training_data) else None,
+        model_name=model_name if latest else None,
+        eval_results=model_index(latest, model_name, eval_name, eval_dataset_id or _slug(eval_name)) or None,
+    )
+    num_parameters = sum(p.numel() for p in core.parameters())
+    rows = [
+        ("training data", training.training_data or "not recorded"),
+        ("optimizer steps", _format(training.steps)),
+        ("global batch (pairs per step)", _format(training.global_batch_size)),
+        ("per-device batch x processes",
+         f"{_format(training.per_device_batch_size)} x {_format(training.num_processes)}"),
+        ("encoder peak learning rate", _format(training.learning_rate)),
+        ("normaliser learning rate", _format(training.normalizer_learning_rate) if training.normalizer_learning_rate
+         is not None else "the config's"),
+        ("precision", training.precision or "not recorded"),
+        ("hardware", training.hardware or "not recorded"),
+        ("training time", _duration(training.training_seconds)),
+        ("final temperature T", _format(training.final_temperature)),
+    ]
+    eval_rows = [(name, _percent(value), _percent(best.get(name))) for name, value in latest.items()]
+    summary = (f"A CLIP model trained with {title} using `neuclip_hf`" + (f", continued from {finetuned}" if finetuned
+               else "") + (" (LoRA adapter)" if adapter else "") + ".")
+    return ModelCard.from_template(
+        data, template_path=str(MODEL_TEMPLATE), model_name=model_name, repo_id=repo_id, summary=summary,
+        objective=objective, objective_title=title, objective_description=description,
+        vision_tower=_tower(config.vision_config, True), text_tower=_tower(config.text_config, False),
+        projection_dim=config.projection_dim, finetuned_from=finetuned, lora=training.lora,
+        library_version=__version__, hyperparameters=_hyperparameters(config), training_rows=rows,
+        eval_rows=eval_rows, eval_dataset=eval_name, eval_step=step if step is not None else training.steps,
+        best_step=best_step, best_metric=best_metric, training_data=training.training_data or "not recorded",
+        small_model=num_parameters < SMALL_MODEL_PARAMETERS, num_parameters=f"{num_parameters:,}",
+        citations=_citations(objective),
+    )
+
+
+def build_normalizer_card(model: torch.nn.Module, *, repo_id: str, source_model: str | None = None,
+                          license: str = DEFAULT_LICENSE, tags: list[str] | None = None) -> ModelCard:
+    """The card of a normaliser-only repository (`neuclip_hf.hub.push_normalizer`)."""
+    from .hub import core_model, looks_like_hub_id
+    from .normalizers import find_normalizer
+
+    config = core_model(model).config
+    title, description = OBJECTIVES.get(config.objective, (config.objective, ""))
+    card_tags = ["neuclip_hf", "normalizer", config.objective] + list(tags or [])
+    data = ModelCardData(license=license, library_name="neuclip_hf", tags=card_tags,
+                         base_model=source_model if looks_like_hub_id(source_model) else None)
+    return ModelCard.from_template(
+        data, template_path=str(NORMALIZER_TEMPLATE), model_name=f"{repo_id.split('/')[-1]}", repo_id=repo_id,
+        objective=config.objective, objective_title=title, objective_description=description,
+        normalizer_class=type(find_normalizer(model)).__name__, projection_dim=config.projection_dim,
+        source_model=source_model, hyperparameters=_hyperparameters(config), citations=_citations(config.objective),
+    )
+
+
+__all__ = ["TrainingSummary", "build_model_card", "build_normalizer_card", "describe_hardware", "model_index"]
