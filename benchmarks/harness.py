@@ -71,27 +71,33 @@ def default_pairs(split: str, limit: int | None = None) -> dict:
     return data
 
 
-def _mosaic(images: np.ndarray, labels: np.ndarray, rng: np.random.Generator):
+def _mosaic(images: np.ndarray, labels: np.ndarray, rng: np.random.Generator, variant: str = "positions"):
+    """One mosaic and its caption. `positions`: 2-4 items, about 14.6k possible captions (2-item captions repeat
+    often: those repeats are false negatives). `tones`: 4 items, each shown dark or light, 20^4 = 160k captions."""
     from PIL import Image
 
-    count = rng.integers(2, 5)  # 2 to 4 items
+    count = rng.integers(2, 5) if variant == "positions" else 4
     cells = sorted(rng.choice(4, size=count, replace=False))
     canvas = Image.new("L", (32, 32))
     phrases = []
     for cell in cells:
         index = rng.integers(len(images))
         item = Image.fromarray(images[index]).resize((16, 16), Image.LANCZOS)
-        canvas.paste(item, ((cell % 2) * 16, (cell // 2) * 16))
         name = FASHION_MNIST_CLASSES[labels[index]]
+        if variant == "tones":
+            dark = bool(rng.integers(2))
+            item = item.point(lambda v: v * 0.4) if dark else item  # dark items at 40% intensity
+            name = ("dark " if dark else "light ") + name
+        canvas.paste(item, ((cell % 2) * 16, (cell // 2) * 16))
         article = "an" if name[0] in "aeiou" else "a"
         phrases.append(f"{article} {name} at the {POSITIONS[cell]}")
     caption = phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
     return canvas.convert("RGB"), caption + "."
 
 
-def mosaic_pairs(split: str, count: int, seed: int = 0) -> dict:
+def mosaic_pairs(split: str, count: int, seed: int = 0, variant: str = "positions") -> dict:
     """`count` mosaics built from a disjoint part of Fashion-MNIST (`train` / `val` / `test`), as tensors."""
-    path = CACHE / f"mosaic-{split}-{count}-{seed}.pt"
+    path = CACHE / f"mosaic-{variant}-{split}-{count}-{seed}.pt"
     if path.exists():
         return torch.load(path, weights_only=True)
     source, start, stop = MOSAIC_SPLITS[split]
@@ -99,7 +105,7 @@ def mosaic_pairs(split: str, count: int, seed: int = 0) -> dict:
     images, labels = images[start:stop], labels[start:stop]
     rng = np.random.default_rng(seed + {"train": 0, "val": 1000, "test": 2000}[split])
     proc = processor()
-    rows = [_mosaic(images, labels, rng) for _ in range(count)]
+    rows = [_mosaic(images, labels, rng, variant) for _ in range(count)]
     data = {}
     for chunk in range(0, count, 2048):
         for key, value in _encode(rows[chunk:chunk + 2048], proc).items():
