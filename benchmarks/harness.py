@@ -36,6 +36,14 @@ POSITIONS = ("top left", "top right", "bottom left", "bottom right")
 MOSAIC_SPLITS = {"train": ("train", 0, 50_000), "val": ("train", 50_000, 60_000), "test": ("test", 0, 10_000)}
 
 
+def _save(data: dict, path: Path) -> None:
+    """Atomic write: parallel workers never read a half-written cache file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save(data, tmp)
+    os.replace(tmp, path)
+
+
 def processor():
     return build_clip_processor(image_size=IMAGE_SIZE, model_max_length=TEXT_LENGTH)
 
@@ -66,8 +74,7 @@ def default_pairs(split: str, limit: int | None = None) -> dict:
     data = {k: torch.cat(v)[:limit] for k, v in parts.items()}
     data["labels"] = data.pop("label")
     data["sample_ids"] = torch.arange(len(data["labels"]))  # dense ids for FastCLIP's table
-    CACHE.mkdir(parents=True, exist_ok=True)
-    torch.save(data, path)
+    _save(data, path)
     return data
 
 
@@ -113,8 +120,7 @@ def mosaic_pairs(split: str, count: int, seed: int = 0, variant: str = "position
     data = {k: torch.cat(v) for k, v in data.items()}
     data["sample_ids"] = torch.arange(count)
     data["captions"] = [r[1] for r in rows]
-    CACHE.mkdir(parents=True, exist_ok=True)
-    torch.save(data, path)
+    _save(data, path)
     return data
 
 
