@@ -40,7 +40,7 @@ def _run_one(args):
 
 def run_jobs(fn: Callable[[dict], dict], jobs: list[dict], name: str, workers: int = 2, fresh: bool = False,
              progress: bool = True) -> list[dict]:
-    """Results of `fn(job)` for every job (from the cache when available), in order."""
+    """Results of `fn(job)` for every job (from the cache when available), in order; `workers=0` runs inline."""
     folder = CACHE / name
     if fresh:
         shutil.rmtree(folder, ignore_errors=True)
@@ -48,7 +48,10 @@ def run_jobs(fn: Callable[[dict], dict], jobs: list[dict], name: str, workers: i
     todo = [(fn, job, path) for job, path in zip(jobs, paths) if not path.exists()]
     if progress:
         print(f"[{name}] {len(jobs) - len(todo)} cached, {len(todo)} to run on {workers} worker(s)", flush=True)
-    if todo:
+    if todo and workers <= 0:  # inline, in this process (tests, debugging)
+        for done, item in enumerate(todo, 1):
+            _run_one(item)
+    elif todo:
         context = multiprocessing.get_context("spawn")
         with context.Pool(workers, initializer=_init_worker) as pool:
             for done, _ in enumerate(pool.imap_unordered(_run_one, todo), 1):

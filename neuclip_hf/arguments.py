@@ -64,6 +64,14 @@ class EvalArguments:
         default=None, metadata={"help": "Evaluate on at most this many held-out samples (default: all)."}
     )
     eval_batch_size: int = field(default=256, metadata={"help": "Images encoded at a time during evaluation."})
+    normaliser_diagnostics_steps: int = field(
+        default=0,
+        metadata={"help": "Every N steps, log the estimator's error against the exact log-normaliser of a probe set "
+                          "over a pool of training samples (normaliser_mse, normaliser_in_batch_mse); 0: off."},
+    )
+    normaliser_diagnostics_pool: int = field(
+        default=2048, metadata={"help": "Training samples in the diagnostics' reference pool (the first ones)."}
+    )
 
 
 @dataclass

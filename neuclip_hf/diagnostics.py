@@ -132,6 +132,22 @@ def embed_pairs(model, pixel_values: torch.Tensor, input_ids: torch.Tensor, atte
     return torch.cat(images), torch.cat(texts)
 
 
+def pool_from_data(data_args, processor, size: int) -> dict:
+    """The first `size` decodable training samples as preprocessed tensors (a diagnostics reference pool)."""
+    import dataclasses
+
+    from .data import build_eval_dataloader
+
+    args = dataclasses.replace(data_args, eval_data=data_args.train_data, eval_split=data_args.train_split)
+    parts: dict[str, list] = {}
+    for batch in build_eval_dataloader(args, processor, batch_size=min(size, 512)):
+        for key in ("pixel_values", "input_ids", "attention_mask", "sample_ids"):
+            parts.setdefault(key, []).append(batch[key])
+        if sum(len(p) for p in parts["sample_ids"]) >= size:
+            break
+    return {key: torch.cat(values)[:size] for key, values in parts.items()}
+
+
 class NormaliserDiagnosticsCallback(TrainerCallback):
     """Every `every_steps` steps, log how far the estimator is from the exact dataset-wide log-normaliser.
 

@@ -24,9 +24,11 @@ from transformers.utils import logging
 
 from neuclip_hf.arguments import EvalArguments, LoraArguments, ModelArguments, parse_arguments
 from neuclip_hf.data import DataArguments, build_train_dataloader, count_samples
+from neuclip_hf.diagnostics import NormaliserDiagnosticsCallback, pool_from_data
 from neuclip_hf.distributed import rank_and_world_size
 from neuclip_hf.evaluation import ZeroShotEvalCallback, ZeroShotEvaluator, format_metrics_table
 from neuclip_hf.model_setup import build_model, build_processor, maybe_apply_lora
+from neuclip_hf.normalizers import NormalizerEstimator
 from neuclip_hf.trainer import NeuCLIPTrainer, NeuCLIPTrainingArguments
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
@@ -69,6 +71,10 @@ def main(argv: list[str] | None = None) -> dict:
     trainer = NeuCLIPTrainer(model=model, args=training_args, processing_class=processor,
                              train_loader_factory=train_loader)
     eval_callback.attach(trainer)
+    if eval_args.normaliser_diagnostics_steps > 0 and isinstance(trainer.normalizer, NormalizerEstimator):
+        # Live check of the estimator against the exact normaliser of a pool of training samples.
+        pool = pool_from_data(data_args, processor, eval_args.normaliser_diagnostics_pool)
+        NormaliserDiagnosticsCallback(pool, every_steps=eval_args.normaliser_diagnostics_steps).attach(trainer)
     # What the model card says about the run (also used by the background pushes of --hub_strategy every_save).
     trainer.card_info.update(training_data=data_args.train_data or "the embedded Fashion-MNIST captions",
                              finetuned_from=model_args.init_from)

@@ -32,7 +32,8 @@ def default_data():
 def test_short_default_run_learns_zero_shot_and_saves_a_loadable_model(tmp_path):
     out = tmp_path / "run"
     summary = train_recipe.main([CONFIG, "--output_dir", str(out), "--max_steps", "80", "--save_steps", "40",
-                                 "--eval_max_samples", "2000", "--warmup_steps", "10", *FAST])
+                                 "--eval_max_samples", "2000", "--warmup_steps", "10", *FAST,
+                                 "--normaliser_diagnostics_steps", "40", "--normaliser_diagnostics_pool", "512"])
     acc1 = summary["eval"]["acc1"]
     assert acc1 >= 3 * 0.1, f"held-out zero-shot acc1 {acc1:.3f} is below 3x chance (0.30)"
     assert summary["global_step"] == 80 and summary["eval"]["num_samples"] == 2000
@@ -42,6 +43,11 @@ def test_short_default_run_learns_zero_shot_and_saves_a_loadable_model(tmp_path)
     assert processor.tokenizer("a photo of a cat")["input_ids"] == [49406, 320, 1125, 539, 320, 2368, 49407]
     assert json.loads((out / "eval_results.json").read_text())["eval"]["acc1"] == acc1
     assert is_complete_checkpoint(out / "checkpoint-40") and (out / "checkpoint-40" / "data_state_rank0.pt").exists()
+    # The live normaliser diagnostic logged its error against the exact normaliser (here at step 40).
+    history = json.loads((out / "checkpoint-40" / "trainer_state.json").read_text())["log_history"]
+    diagnostics = [h for h in history if "normaliser_mse" in h]
+    assert diagnostics and diagnostics[0]["step"] == 40
+    assert diagnostics[0]["normaliser_mse"] < diagnostics[0]["normaliser_in_batch_mse"]
 
 
 @pytest.mark.parametrize("objective", ["neuclip", "fastclip"])

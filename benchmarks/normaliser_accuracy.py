@@ -1,0 +1,164 @@
+"""How accurate is each method's normaliser, and how does its error grow when the batch shrinks or the data grows?
+
+Each method (clip's in-batch estimate, fastclip, amorlip, neuclip) trains its own model on the same data. At four
+points of training, with the current encoders, the exact alpha*_i = log(eps + g_i) of 512 probe anchors is computed
+against the WHOLE training set and compared with the method's estimate of the same anchors, placed in batches of the
+training batch size (`neuclip_hf.diagnostics`: AmorLIP's sum-form estimate is converted to the same quantity,
+FastCLIP reads its table, NeuCLIP its prototypes, CLIP the batch). Reported: the mean squared error at global
+batch 64, 128 and 256 on 5,000 training pairs, and at batch 128 on 50,000 pairs (10x), on the `mosaic-tones` data
+(near-unique captions, see harness.py).
+
+The paper's claim under test: NeuCLIP's error barely grows when the batch halves or the data grows 10x, while the
+in-batch and FastCLIP errors grow several-fold.
+
+    python benchmarks/normaliser_accuracy.py [--quick] [--workers 2] [--fresh]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+import time
+from contextlib import redirect_stdout
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import environment, markdown_table, plot_path, update_readme_section, write_json  # noqa: E402
+from benchmarks.jobs import run_jobs  # noqa: E402
+from benchmarks.quality_small_batch import relative_schedules  # noqa: E402
+
+METHODS = ("clip", "fastclip", "amorlip", "neuclip")
+LABELS = {"clip": "in-batch (clip)", "fastclip": "fastclip", "amorlip": "amorlip", "neuclip": "neuclip"}
+
+
+def data_for(size: int, quick: bool) -> dict:
+    from benchmarks import harness as H
+
+    return H.mosaic_pairs("train", size, variant="tones")
+
+
+def accuracy_job(job: dict) -> dict:
+    """Train one method and measure its estimator's error against the exact normaliser four times."""
+    from neuclip_hf.diagnostics import NormaliserDiagnosticsCallback
+
+    from benchmarks import harness as H
+
+    data = data_for(job["size"], job["quick"])
+    pool = {k: data[k] for k in ("pixel_values", "input_ids", "attention_mask", "sample_ids")}
+    pool["pixel_values"] = pool["pixel_values"].float()
+    overrides = relative_schedules(job["method"], job["size"], job["batch"], job["steps"])
+    trainer = H.build_trainer(job["method"], data, job["steps"], job["batch"], seed=job["seed"], **overrides)
+    diagnostics = NormaliserDiagnosticsCallback(pool, every_steps=max(1, job["steps"] // 4), num_probes=job["probes"],
+                                                batch_size=job["batch"]).attach(trainer)
+    start = time.time()
+    with redirect_stdout(io.StringIO()):
+        trainer.train()
+    return {"history": diagnostics.history, "seconds": time.time() - start}
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small data and few steps (about a minute)")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--fresh", action="store_true")
+    parser.add_argument("--out_dir", default=None)
+    parser.add_argument("--readme", default=None)
+    args = parser.parse_args(argv)
+    quick = args.quick
+    base = 300 if quick else 5000
+    steps, probes = (12 if quick else 600), (64 if quick else 512)
+    settings = [(base, 64), (base, 128), (base, 256), (10 * base, 128)]
+    if quick:
+        settings = [(base, 32), (base, 64), (10 * base, 64)]
+    for size in {s for s, _ in settings}:
+        data_for(size, quick)  # build the caches once, before the parallel jobs
+    jobs = [{"method": m, "size": size, "batch": batch, "steps": steps, "probes": probes, "seed": 0, "quick": quick}
+            for size, batch in settings for m in METHODS]
+    results = run_jobs(accuracy_job, jobs, "normaliser-accuracy", args.workers, args.fresh)
+
+    table = {}
+    for job, result in zip(jobs, results):
+        history = result["history"]
+        table[(job["method"], job["size"], job["batch"])] = {
+            "final_mse": history[-1]["mse"],
+            "mean_mse": sum(h["mse"] for h in history) / len(history),
+            "final_in_batch_mse": history[-1]["in_batch_mse"],
+            "history": history,
+            "seconds": result["seconds"],
+        }
+    small_batch, large_batch = settings[0][1], settings[1][1]
+    big = settings[-1]
+    rows, growth = [], {}
+    for method in METHODS:
+        row = [LABELS[method]]
+        for size, batch in settings:
+            row.append(f"{table[(method, size, batch)]['mean_mse']:.3f}")
+        halving = table[(method, base, small_batch)]["mean_mse"] / table[(method, base, large_batch)]["mean_mse"]
+        tenfold = table[(method, big[0], big[1])]["mean_mse"] / table[(method, base, big[1])]["mean_mse"]
+        growth[method] = {"batch_halved": halving, "data_10x": tenfold}
+        rows += [row + [f"x{halving:.2f}", f"x{tenfold:.2f}"]]
+    neuclip, fastclip, clip = (table[(m, base, small_batch)]["mean_mse"] for m in ("neuclip", "fastclip", "clip"))
+    targets = {"neuclip_mse <= 0.5 x fastclip (smallest batch)": neuclip <= 0.5 * fastclip,
+               "neuclip_mse <= 0.2 x in-batch (smallest batch)": neuclip <= 0.2 * clip}
+    payload = {"quick": quick, "data": "mosaic-tones", "steps": steps, "probes": probes, "settings": settings,
+               "results": {f"{m}/n={s}/B={b}": v for (m, s, b), v in table.items()}, "growth": growth,
+               "targets": targets}
+    json_path = write_json("normaliser_accuracy", payload, args.out_dir)
+    figure = _plot(table, settings, base, args.out_dir)
+    header = ["method"] + [f"n={s}, B={b}" for s, b in settings] + [f"B {large_batch}->{small_batch}",
+                                                                    f"n {base}->{big[0]}"]
+    env = environment()
+    body = f"""## normaliser_accuracy
+
+`python benchmarks/normaliser_accuracy.py` (`--quick`: 300/3,000 pairs, 12 steps). Each method trains its own tiny
+model for {steps} steps on mosaic-tones pairs; at 4 points the exact log(eps + g_i) of {probes} probe anchors is
+computed against the whole training set with the current encoders and compared with the method's estimate (anchors
+placed in training-size batches). Mean squared error averaged over the 4 points (columns), and its growth when the
+batch halves and when the training set grows 10x (last columns). Machine: {env['device']}, one thread per run.
+
+{markdown_table(header, rows)}
+
+Targets at the smallest batch: {', '.join(f"{k}: {'met' if v else 'NOT met'}" for k, v in targets.items())}.
+
+![error vs step and batch](results/normaliser_accuracy.png)
+"""
+    update_readme_section("normaliser_accuracy", body, args.readme)
+    print(markdown_table(header, rows))
+    print(f"wrote {json_path} and {figure}")
+    return payload
+
+
+def _plot(table: dict, settings: list, base: int, out_dir) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    reference_batch = settings[1][1]
+    batches = [b for s, b in settings if s == base]
+    for method in METHODS:
+        history = table[(method, base, reference_batch)]["history"]
+        axes[0].plot([h["step"] for h in history], [h["mse"] for h in history], marker="o", label=LABELS[method])
+        axes[1].plot(batches, [table[(method, base, b)]["mean_mse"] for b in batches], marker="o", label=LABELS[method])
+    big = settings[-1]
+    x = range(len(METHODS))
+    axes[2].bar([i - 0.2 for i in x], [table[(m, base, big[1])]["mean_mse"] for m in METHODS], 0.4, label=f"n={base}")
+    axes[2].bar([i + 0.2 for i in x], [table[(m, big[0], big[1])]["mean_mse"] for m in METHODS], 0.4,
+                label=f"n={big[0]}")
+    axes[2].set_xticks(list(x), [LABELS[m] for m in METHODS])
+    axes[0].set(title=f"MSE vs step (n={base}, B={reference_batch})", xlabel="step", yscale="log")
+    axes[1].set(title=f"MSE vs global batch (n={base})", xlabel="batch", xscale="log", yscale="log")
+    axes[2].set(title=f"MSE at B={big[1]}: data x10", yscale="log")
+    for ax in axes:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = plot_path("normaliser_accuracy", out_dir)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+if __name__ == "__main__":
+    main()

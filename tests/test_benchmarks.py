@@ -1,0 +1,95 @@
+"""The --quick path of each benchmark runs end to end and writes well-formed results (JSON, plot, README section)."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture
+def bench_dirs(tmp_path, monkeypatch):
+    monkeypatch.setenv("NEUCLIP_BENCH_CACHE", str(tmp_path / "cache"))
+    import benchmarks.harness
+    import benchmarks.jobs
+
+    monkeypatch.setattr(benchmarks.harness, "CACHE", tmp_path / "cache")
+    monkeypatch.setattr(benchmarks.jobs, "CACHE", tmp_path / "cache" / "jobs")
+    return tmp_path / "out", tmp_path / "README.md"
+
+
+def _check(out: Path, readme: Path, name: str, with_plot: bool = True) -> dict:
+    payload = json.loads((out / f"{name}.json").read_text())
+    assert payload["benchmark"] == name and "environment" in payload
+    if with_plot:
+        assert (out / f"{name}.png").stat().st_size > 1000
+    text = readme.read_text()
+    assert f"<!-- {name}:start -->" in text and f"## {name}" in text
+    return payload
+
+
+def test_estimator_overhead_quick(bench_dirs):
+    from benchmarks import estimator_overhead
+
+    out, readme = bench_dirs
+    estimator_overhead.main(["--quick", "--out_dir", str(out), "--readme", str(readme)])
+    payload = _check(out, readme, "estimator_overhead")
+    objectives = payload["batches"]["256"]["objectives"]
+    assert set(objectives) == {"clip", "siglip", "fastclip", "amorlip", "neuclip"}
+    assert objectives["clip"]["ratio_to_clip_loss"] == 1.0
+    assert objectives["neuclip"]["flops"] > objectives["clip"]["flops"]  # T_u inner steps cost FLOPs
+    assert 0 < payload["vit_b32_encoder_step"]["flops_per_sample"]
+
+
+def test_step_cost_quick(bench_dirs):
+    from benchmarks import step_cost
+
+    out, readme = bench_dirs
+    step_cost.main(["--quick", "--out_dir", str(out), "--readme", str(readme)])
+    payload = _check(out, readme, "step_cost")
+    measured = payload["results"]["tiny"]["measurements"]
+    assert set(measured) == {"plain", "clip", "siglip", "fastclip", "amorlip", "neuclip"}
+    assert all(m["seconds_per_step"] > 0 and m["peak_rss_bytes"] > 0 for m in measured.values())
+    memory = {(r["dataset_size"], r["objective"]): r["bytes"] for r in payload["estimator_memory"]}
+    # FastCLIP's table grows with the data; NeuCLIP's prototypes do not.
+    assert memory[(10**6, "fastclip")] > 50 * memory[(10**4, "fastclip")]
+    assert memory[(10**6, "neuclip")] == memory[(10**4, "neuclip")]
+
+
+def test_quality_small_batch_quick(bench_dirs):
+    from benchmarks import quality_small_batch
+
+    out, readme = bench_dirs
+    quality_small_batch.main(["--quick", "--workers", "0", "--out_dir", str(out), "--readme", str(readme)])
+    payload = _check(out, readme, "quality_small_batch")
+    methods = {(r["dataset"], r["method"]) for r in payload["results"]}
+    for dataset in ("mosaic-tones", "fashion-mnist", "mosaic-positions"):
+        for method in ("clip", "siglip", "fastclip", "amorlip", "neuclip"):
+            assert (dataset, method) in methods
+    assert {("mosaic-tones", "clip @ 2B"), ("mosaic-tones", "clip @ 4B")} <= methods
+    assert payload["sweep"]["chosen"] in payload["sweep"]["results"]
+    assert all(0.0 <= r["mean"] <= 1.0 and len(r["runs"][0]["curve"]) >= 1 for r in payload["results"])
+
+
+def test_normaliser_accuracy_quick(bench_dirs):
+    from benchmarks import normaliser_accuracy
+
+    out, readme = bench_dirs
+    normaliser_accuracy.main(["--quick", "--workers", "0", "--out_dir", str(out), "--readme", str(readme)])
+    payload = _check(out, readme, "normaliser_accuracy")
+    assert set(payload["growth"]) == {"clip", "fastclip", "amorlip", "neuclip"}
+    for key, result in payload["results"].items():
+        assert len(result["history"]) >= 1 and result["final_mse"] >= 0, key
+
+
+def test_gpu_script_dry_run_on_cpu(bench_dirs):
+    from benchmarks import gpu
+
+    out, readme = bench_dirs
+    payload = gpu.main(["--quick", "--allow_cpu", "--out_dir", str(out), "--readme", str(readme)])
+    assert set(payload["results"]) == {"plain", "clip", "siglip", "fastclip", "amorlip", "neuclip"}
+    assert payload["encoder_flops_per_sample"] > 0
+    _check(out, readme, "gpu", with_plot=False)
