@@ -65,6 +65,28 @@ def plot_path(name: str, out_dir: Path | None = None) -> Path:
     return out_dir / f"{name}.png"
 
 
+def subplots(ncols: int, figsize: tuple[float, float]):
+    """A row of `ncols` axes on a non-interactive backend: (figure, list of axes)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, ncols, figsize=figsize, squeeze=False)
+    return fig, list(axes[0])
+
+
+def save_figure(fig, name: str, out_dir: Path | None = None) -> Path:
+    """Write `results/<name>.png` (or into `out_dir`) and release the figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = plot_path(name, out_dir)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def markdown_table(header: list[str], rows: list[list]) -> str:
     def cell(value):
         return f"{value:.4g}" if isinstance(value, float) else str(value)

@@ -25,8 +25,9 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import (  # noqa: E402
     markdown_table,
-    plot_path,
+    save_figure,
     set_threads,
+    subplots,
     time_call,
     update_readme_section,
     write_json,
@@ -173,12 +174,7 @@ def payload_env() -> str:
 
 
 def _plot(results: dict, batches: list[int], out_dir) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = subplots(2, (10, 4))
     width = 0.8 / len(batches)
     for i, batch in enumerate(batches):
         objectives = results[str(batch)]["objectives"]
@@ -192,11 +188,7 @@ def _plot(results: dict, batches: list[int], out_dir) -> Path:
         ax.set_title(title)
         ax.legend()
     axes[1].axhline(10, color="gray", linestyle="--", linewidth=1)
-    fig.tight_layout()
-    path = plot_path("estimator_overhead", out_dir)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, "estimator_overhead", out_dir)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,14 @@ from contextlib import redirect_stdout
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import environment, markdown_table, plot_path, update_readme_section, write_json  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    environment,
+    markdown_table,
+    save_figure,
+    subplots,
+    update_readme_section,
+    write_json,
+)
 from benchmarks.jobs import run_jobs  # noqa: E402
 from benchmarks.quality_small_batch import relative_schedules  # noqa: E402
 
@@ -130,12 +137,7 @@ Targets at the smallest batch: {', '.join(f"{k}: {'met' if v else 'NOT met'}" fo
 
 
 def _plot(table: dict, settings: list, base: int, out_dir) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = subplots(3, (15, 4))
     reference_batch = settings[1][1]
     batches = [b for s, b in settings if s == base]
     for method in METHODS:
@@ -153,11 +155,7 @@ def _plot(table: dict, settings: list, base: int, out_dir) -> Path:
     axes[2].set(title=f"MSE at B={big[1]}: data x10", yscale="log")
     for ax in axes:
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = plot_path("normaliser_accuracy", out_dir)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, "normaliser_accuracy", out_dir)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,14 @@ from contextlib import redirect_stdout
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import environment, markdown_table, plot_path, update_readme_section, write_json  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    environment,
+    markdown_table,
+    save_figure,
+    subplots,
+    update_readme_section,
+    write_json,
+)
 from benchmarks.jobs import run_jobs  # noqa: E402
 
 OBJECTIVES = ("clip", "siglip", "fastclip", "amorlip", "neuclip")
@@ -200,14 +207,9 @@ NeuCLIP settings sweep (mosaic-tones, validation split, seed 0, {steps['sweep']}
 
 
 def _plot(summary: list[dict], out_dir) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     datasets = sorted({s["dataset"] for s in summary})
-    fig, axes = plt.subplots(1, len(datasets), figsize=(5 * len(datasets), 4), squeeze=False)
-    for ax, dataset in zip(axes[0], datasets):
+    fig, axes = subplots(len(datasets), (5 * len(datasets), 4))
+    for ax, dataset in zip(axes, datasets):
         for entry in (s for s in summary if s["dataset"] == dataset):
             curves = [r["curve"] for r in entry["runs"]]
             steps = [point[0] for point in curves[0]]
@@ -217,11 +219,7 @@ def _plot(summary: list[dict], out_dir) -> Path:
         ax.set_xlabel("step")
         ax.set_ylabel("acc1 %" if dataset == "fashion-mnist" else "retrieval R@1 %")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = plot_path("quality_small_batch", out_dir)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, "quality_small_batch", out_dir)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import environment, markdown_table, plot_path, update_readme_section, write_json  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    environment,
+    markdown_table,
+    save_figure,
+    subplots,
+    update_readme_section,
+    write_json,
+)
 from benchmarks.throughput import measure_in_subprocess  # noqa: E402
 from neuclip_hf import OBJECTIVES  # noqa: E402
 from neuclip_hf.normalizers import build_normalizer  # noqa: E402
@@ -126,12 +133,7 @@ Targets: {', '.join(f"{k}: {'met' if v else 'NOT met'}" for k, v in payload['tar
 
 
 def _plot(results: dict, memory: list[dict], out_dir) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = subplots(2, (11, 4))
     for offset, (preset, result) in enumerate(results.items()):
         measured = result["measurements"]
         axes[0].bar([i + 0.4 * offset for i in range(len(KINDS))],
@@ -148,11 +150,7 @@ def _plot(results: dict, memory: list[dict], out_dir) -> Path:
     axes[1].set_xlabel("training samples n")
     axes[1].set_title("estimator state (MB), d = 512")
     axes[1].legend()
-    fig.tight_layout()
-    path = plot_path("step_cost", out_dir)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, "step_cost", out_dir)
 
 
 if __name__ == "__main__":
