@@ -1,5 +1,6 @@
 """LoRA through peft: adapters on both towers, the normaliser trained in full, save / reload / merge, exact resume."""
 
+import gc
 import importlib.util
 import os
 import socket
@@ -147,12 +148,17 @@ def test_ddp_ignores_the_normaliser_by_its_wrapped_names():
     assert names <= set(state) and "base_model.model.normalizer.text_prototypes" in names
     assert {n for n in state if ".normalizer." in n} == names
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    ddp = None
     try:
         ddp = torch.nn.parallel.DistributedDataParallel(model)
         assert names <= ddp.parameters_to_ignore
         for seed in range(2):  # the second forward fails if the previous reduction waited on normaliser gradients
             ddp(**tiny_batch(8, seed=seed), return_loss=True, update_normalizer=True).loss.backward()
     finally:
+        # Free DDP's reducer while its process group is alive: destroying the group first can leave the reducer's
+        # gloo destructor waiting forever on a thread of the torn-down group.
+        del ddp
+        gc.collect()
         dist.destroy_process_group()
 
 
