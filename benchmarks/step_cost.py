@@ -72,18 +72,30 @@ def estimator_memory(sizes: list[int]) -> list[dict]:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny preset only, fewer steps (about a minute)")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds per kind (default 1 quick, 3 full)")
     parser.add_argument("--out_dir", default=None)
     parser.add_argument("--readme", default=None)
     args = parser.parse_args(argv)
+    args.rounds = args.rounds or (1 if args.quick else 3)
     settings = [("tiny", 128, 4 if args.quick else 30, 2 if args.quick else 5, TINY_OVERRIDES)]
     if not args.quick:
-        settings.append(("vit-b-32", 8, 3, 1, VIT_OVERRIDES))
+        # Two small batches at ViT-B/32 geometry: NeuCLIP's per-step cost has a batch-independent part (T_u AdaGrad
+        # steps over the 2 m d prototype entries) that a batch of 8 exaggerates; batch 32 shows how it amortises.
+        settings += [("vit-b-32", 8, 3, 1, VIT_OVERRIDES), ("vit-b-32", 32, 3, 1, VIT_OVERRIDES)]
     results, rows = {}, []
     for preset, batch, steps, warmup, overrides in settings:
+        # Rounds interleave the kinds, so a slow spell on the shared machine hits all of them; each kind keeps
+        # its fastest round (other load only ever slows a step down).
+        rounds: dict[str, list[dict]] = {kind: [] for kind in KINDS}
+        for _ in range(args.rounds):
+            for kind in KINDS:
+                rounds[kind].append(measure_in_subprocess(kind=kind, preset=preset, batch_size=batch, steps=steps,
+                                                          warmup=warmup, overrides=overrides, device="cpu"))
         measured = {}
-        for kind in KINDS:
-            measured[kind] = measure_in_subprocess(kind=kind, preset=preset, batch_size=batch, steps=steps,
-                                                   warmup=warmup, overrides=overrides, device="cpu")
+        for kind, runs in rounds.items():
+            measured[kind] = dict(min(runs, key=lambda run: run["seconds_per_step"]))
+            measured[kind]["seconds_per_step_by_round"] = [run["seconds_per_step"] for run in runs]
+            measured[kind]["peak_rss_bytes"] = max(run["peak_rss_bytes"] for run in runs)
         plain, clip = measured["plain"], measured["clip"]
         for kind, m in measured.items():
             m["slowdown_vs_plain_trainer"] = m["seconds_per_step"] / plain["seconds_per_step"] - 1
@@ -92,17 +104,21 @@ def main(argv=None) -> dict:
             rows.append([preset, batch, kind, round(1000 * m["seconds_per_step"], 1), round(m["samples_per_second"], 1),
                          f"{100 * m['slowdown_vs_plain_trainer']:+.1f}%", f"{100 * m['overhead_vs_clip_objective']:+.1f}%",
                          round(m["peak_rss_bytes"] / 2**20), round(m["extra_peak_rss_vs_plain_mb"])])
-        results[preset] = {"batch_size": batch, "steps_timed": steps, "measurements": measured}
+        results[preset if preset == "tiny" else f"{preset}@{batch}"] = {
+            "preset": preset, "batch_size": batch, "steps_timed": steps, "measurements": measured}
     memory = estimator_memory([10**4, 10**5, 10**6] if args.quick else [10**4, 10**5, 10**6, 10**7])
-    payload = {"quick": args.quick, "results": results, "estimator_memory": memory}
-    tiny = results["tiny"]["measurements"]
-    payload["targets"] = {
-        "neuclip_trainer_vs_plain_tiny <= 10%": tiny["neuclip"]["slowdown_vs_plain_trainer"] <= 0.10,
-    }
-    if "vit-b-32" in results:
-        vit = results["vit-b-32"]["measurements"]
-        payload["targets"]["neuclip_trainer_vs_plain_vit_b32 <= 5%"] = vit["neuclip"]["slowdown_vs_plain_trainer"] <= 0.05
-        payload["targets"]["neuclip_overhead_vs_clip_vit_b32 <= 5%"] = vit["neuclip"]["overhead_vs_clip_objective"] <= 0.05
+    payload = {"quick": args.quick, "rounds": args.rounds, "results": results, "estimator_memory": memory}
+    # Issue 3: NeuCLIPTrainer against the plain Trainer, per objective (the `clip` row is the trainer's own cost;
+    # the other rows add their estimator's compute). Issue 7: NeuCLIP's step overhead over clip at ViT-B/32.
+    payload["targets"] = {}
+    for key, result in results.items():
+        limit = 0.10 if result["preset"] == "tiny" else 0.05
+        for kind in OBJECTIVES:
+            slowdown = result["measurements"][kind]["slowdown_vs_plain_trainer"]
+            payload["targets"][f"{kind} trainer vs plain, {key} <= {limit:.0%}"] = slowdown <= limit
+        if result["preset"] == "vit-b-32":
+            overhead = result["measurements"]["neuclip"]["overhead_vs_clip_objective"]
+            payload["targets"][f"neuclip step overhead vs clip, {key} <= 5%"] = overhead <= 0.05
     json_path = write_json("step_cost", payload, args.out_dir)
     figure = _plot(results, memory, args.out_dir)
 
@@ -112,10 +128,12 @@ def main(argv=None) -> dict:
     env = environment()
     body = f"""## step_cost
 
-`python benchmarks/step_cost.py` (`--quick`: tiny preset only). Median seconds per training step after warm-up of
+`python benchmarks/step_cost.py` (`--quick`: tiny preset only). Median seconds per training step after warm-up
+(best of {args.rounds} interleaved rounds) of
 a plain `transformers.Trainer` on `CLIPModel(return_loss=True)` ("plain") and of `NeuCLIPTrainer` with each objective,
 on the same model, batch and synthetic data, each in its own process (peak RSS is the process's). Tiny preset:
-batch 128, NeuCLIP m = 1024, T_u = 10 (the default run); ViT-B/32 geometry: 224 px, batch 8, m = 4096, T_u = 10.
+batch 128, NeuCLIP m = 1024, T_u = 10 (the default run); ViT-B/32 geometry: 224 px, batch 8 and 32, m = 4096,
+T_u = 10.
 Machine: {env['device']}, {env['cpu_threads']} threads, torch {env['torch']}.
 
 {markdown_table(header, rows)}
@@ -124,7 +142,7 @@ Estimator state (parameters + buffers + optimizer state) at d = 512 as the train
 
 {markdown_table(['dataset size n', 'objective', 'state MB'], mem_rows)}
 
-Targets: {', '.join(f"{k}: {'met' if v else 'NOT met'}" for k, v in payload['targets'].items())}.
+Targets: {'; '.join(f"{k}: {'met' if v else 'NOT met'}" for k, v in payload['targets'].items())}.
 """
     update_readme_section("step_cost", body, args.readme)
     print(markdown_table(header, rows))
@@ -134,11 +152,13 @@ Targets: {', '.join(f"{k}: {'met' if v else 'NOT met'}" for k, v in payload['tar
 
 def _plot(results: dict, memory: list[dict], out_dir) -> Path:
     fig, axes = subplots(2, (11, 4))
-    for offset, (preset, result) in enumerate(results.items()):
+    width = 0.8 / len(results)
+    for offset, (key, result) in enumerate(results.items()):
         measured = result["measurements"]
-        axes[0].bar([i + 0.4 * offset for i in range(len(KINDS))],
-                    [100 * measured[k]["slowdown_vs_plain_trainer"] for k in KINDS], 0.4, label=preset)
-    axes[0].set_xticks([i + 0.2 for i in range(len(KINDS))], list(KINDS), rotation=20)
+        axes[0].bar([i + width * offset for i in range(len(KINDS))],
+                    [100 * measured[k]["slowdown_vs_plain_trainer"] for k in KINDS], width,
+                    label=f"{result['preset']}, batch {result['batch_size']}")
+    axes[0].set_xticks([i + 0.4 - width / 2 for i in range(len(KINDS))], list(KINDS), rotation=20)
     axes[0].axhline(0, color="gray", linewidth=1)
     axes[0].set_title("step time vs plain Trainer (%)")
     axes[0].legend()
