@@ -33,10 +33,22 @@ from benchmarks.common import (  # noqa: E402
     write_json,
 )
 from benchmarks.jobs import run_jobs  # noqa: E402
-from benchmarks.quality_small_batch import relative_schedules  # noqa: E402
+from benchmarks.quality_small_batch import PAPER, SWEEP, relative_schedules  # noqa: E402
 
-METHODS = ("clip", "fastclip", "amorlip", "neuclip")
-LABELS = {"clip": "in-batch (clip)", "fastclip": "fastclip", "amorlip": "amorlip", "neuclip": "neuclip"}
+# Variant -> (objective, config overrides). NeuCLIP runs three ways: the setting quality_small_batch's sweep chose
+# (bank restarts every 100 steps; results/quality_small_batch.json), the config default (bank, T_r 500) and the
+# paper's (restarts from the batch, T_r 500).
+VARIANTS = {
+    "clip": ("clip", {}),
+    "fastclip": ("fastclip", {}),
+    "amorlip": ("amorlip", {}),
+    "neuclip": ("neuclip", SWEEP["bank, T_r 100"]),
+    "neuclip (T_r 500)": ("neuclip", {}),
+    "neuclip (paper)": ("neuclip", PAPER),
+}
+METHODS = tuple(VARIANTS)
+LABELS = {**{m: m for m in METHODS}, "clip": "in-batch (clip)", "neuclip": "neuclip (T_r 100, chosen)",
+          "neuclip (T_r 500)": "neuclip (bank, T_r 500)", "neuclip (paper)": "neuclip (paper: batch, T_r 500)"}
 
 
 def data_for(size: int, quick: bool) -> dict:
@@ -54,7 +66,8 @@ def accuracy_job(job: dict) -> dict:
     data = data_for(job["size"], job["quick"])
     pool = {k: data[k] for k in ("pixel_values", "input_ids", "attention_mask", "sample_ids")}
     pool["pixel_values"] = pool["pixel_values"].float()
-    overrides = relative_schedules(job["method"], job["size"], job["batch"], job["steps"])
+    overrides = {**relative_schedules(job["method"], job["size"], job["batch"], job["steps"]),
+                 **job.get("overrides", {})}
     trainer = H.build_trainer(job["method"], data, job["steps"], job["batch"], seed=job["seed"], **overrides)
     diagnostics = NormaliserDiagnosticsCallback(pool, every_steps=max(1, job["steps"] // 4), num_probes=job["probes"],
                                                 batch_size=job["batch"]).attach(trainer)
@@ -80,14 +93,21 @@ def main(argv=None) -> dict:
         settings = [(base, 32), (base, 64), (10 * base, 64)]
     for size in {s for s, _ in settings}:
         data_for(size, quick)  # build the caches once, before the parallel jobs
-    jobs = [{"method": m, "size": size, "batch": batch, "steps": steps, "probes": probes, "seed": 0, "quick": quick}
-            for size, batch in settings for m in METHODS]
+    jobs, variants = [], []
+    for size, batch in settings:
+        for variant, (objective, overrides) in VARIANTS.items():
+            job = {"method": objective, "size": size, "batch": batch, "steps": steps, "probes": probes, "seed": 0,
+                   "quick": quick}
+            if overrides:  # (jobs without overrides keep their cache keys)
+                job["overrides"] = overrides
+            jobs.append(job)
+            variants.append(variant)
     results = run_jobs(accuracy_job, jobs, "normaliser-accuracy", args.workers, args.fresh)
 
     table = {}
-    for job, result in zip(jobs, results):
+    for variant, job, result in zip(variants, jobs, results):
         history = result["history"]
-        table[(job["method"], job["size"], job["batch"])] = {
+        table[(variant, job["size"], job["batch"])] = {
             "final_mse": history[-1]["mse"],
             "mean_mse": sum(h["mse"] for h in history) / len(history),
             "final_in_batch_mse": history[-1]["in_batch_mse"],
@@ -122,7 +142,9 @@ def main(argv=None) -> dict:
 model for {steps} steps on mosaic-tones pairs; at 4 points the exact log(eps + g_i) of {probes} probe anchors is
 computed against the whole training set with the current encoders and compared with the method's estimate (anchors
 placed in training-size batches). Mean squared error averaged over the 4 points (columns), and its growth when the
-batch halves and when the training set grows 10x (last columns). Machine: {env['device']}, one thread per run.
+batch halves and when the training set grows 10x (last columns). NeuCLIP runs with the restart setting that
+`quality_small_batch` chose (a bank of recent embeddings, T_r = 100), the config default (bank, T_r = 500) and the
+paper's (restarts from the batch, T_r = 500). Machine: {env['device']}, one thread per run.
 
 {markdown_table(header, rows)}
 

@@ -80,7 +80,7 @@ def test_normaliser_accuracy_quick(bench_dirs):
     out, readme = bench_dirs
     normaliser_accuracy.main(["--quick", "--workers", "0", "--out_dir", str(out), "--readme", str(readme)])
     payload = _check(out, readme, "normaliser_accuracy")
-    assert set(payload["growth"]) == {"clip", "fastclip", "amorlip", "neuclip"}
+    assert set(payload["growth"]) == {"clip", "fastclip", "amorlip", "neuclip", "neuclip (T_r 500)", "neuclip (paper)"}
     for key, result in payload["results"].items():
         assert len(result["history"]) >= 1 and result["final_mse"] >= 0, key
 
