@@ -13,6 +13,7 @@ not counted as model FLOPs, so its overhead shows as lower MFU.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -84,7 +85,7 @@ def main(argv=None) -> dict:
     payload = {"device": name, "preset": args.preset, "batch_size_per_device": args.batch_size, "bf16": bf16,
                "peak_tflops": peak, "encoder_flops_per_sample": flops, "results": results, "quick": args.quick}
     header = ["trainer / objective", "samples/s per device", "vs plain Trainer", "MFU", "peak memory GiB"]
-    if int(__import__("os").environ.get("RANK", 0)) == 0:
+    if int(os.environ.get("RANK", 0)) == 0:
         json_path = write_json("gpu", payload, args.out_dir)
         env = environment()
         body = f"""## gpu

@@ -28,7 +28,8 @@ from neuclip_hf.metrics import classification_metrics, retrieval_metrics
 from neuclip_hf.presets import model_config
 from neuclip_hf.tokenization import build_clip_processor
 from neuclip_hf.trainer import NeuCLIPTrainer, NeuCLIPTrainingArguments
-from neuclip_hf.zero_shot import encode_images, encode_texts, load_templates, zero_shot_classifier
+from neuclip_hf.diagnostics import embed_pairs
+from neuclip_hf.zero_shot import evaluation_mode, load_templates, zero_shot_classifier
 
 CACHE = Path(os.environ.get("NEUCLIP_BENCH_CACHE", Path(__file__).parent / ".cache"))
 IMAGE_SIZE, TEXT_LENGTH = 32, 32
@@ -157,28 +158,21 @@ def build_trainer(objective: str, data: dict, steps: int, batch_size: int, seed:
     return NeuCLIPTrainer(model=model, args=args, train_dataset=TensorPairs(data), callbacks=list(callbacks))
 
 
-@torch.no_grad()
 def embed(model, data: dict, batch_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-    model.eval()
-    images, texts = [], []
-    for start in range(0, len(data["input_ids"]), batch_size):
-        rows = slice(start, start + batch_size)
-        images.append(encode_images(model, data["pixel_values"][rows].float()))
-        texts.append(encode_texts(model, data["input_ids"][rows], data["attention_mask"][rows]))
-    return torch.cat(images), torch.cat(texts)
+    """Normalised embeddings of preprocessed pairs, in eval mode (the model's mode is restored afterwards)."""
+    with evaluation_mode(model):
+        return embed_pairs(model, data["pixel_values"], data["input_ids"], data["attention_mask"], batch_size)
 
 
-@torch.no_grad()
 def zero_shot_accuracy(model, test: dict, templates: str = "openai") -> dict:
     """acc1 / mean per-class recall of class-name prompts on labelled pairs."""
-    model.eval()
-    weights = zero_shot_classifier(model, processor(), list(FASHION_MNIST_CLASSES), load_templates(templates))
+    with evaluation_mode(model):
+        weights = zero_shot_classifier(model, processor(), list(FASHION_MNIST_CLASSES), load_templates(templates))
     images, _ = embed(model, test)
     metrics = classification_metrics(images @ weights, test["labels"])
     return {"acc1": metrics["acc1"], "mean_per_class_recall": metrics["mean_per_class_recall"]}
 
 
-@torch.no_grad()
 def retrieval(model, test: dict) -> dict:
     """Image->text and text->image recall@{1,5,10} on paired data (each query's positive is its own pair)."""
     images, texts = embed(model, test)

@@ -38,23 +38,21 @@ def _run_one(args):
     return result
 
 
-def run_jobs(fn: Callable[[dict], dict], jobs: list[dict], name: str, workers: int = 2, fresh: bool = False,
-             progress: bool = True) -> list[dict]:
+def run_jobs(fn: Callable[[dict], dict], jobs: list[dict], name: str, workers: int = 2,
+             fresh: bool = False) -> list[dict]:
     """Results of `fn(job)` for every job (from the cache when available), in order; `workers=0` runs inline."""
     folder = CACHE / name
     if fresh:
         shutil.rmtree(folder, ignore_errors=True)
     paths = [folder / f"{job_key(job)}.json" for job in jobs]
     todo = [(fn, job, path) for job, path in zip(jobs, paths) if not path.exists()]
-    if progress:
-        print(f"[{name}] {len(jobs) - len(todo)} cached, {len(todo)} to run on {workers} worker(s)", flush=True)
+    print(f"[{name}] {len(jobs) - len(todo)} cached, {len(todo)} to run on {workers} worker(s)", flush=True)
     if todo and workers <= 0:  # inline, in this process (tests, debugging)
-        for done, item in enumerate(todo, 1):
+        for item in todo:
             _run_one(item)
     elif todo:
         context = multiprocessing.get_context("spawn")
         with context.Pool(workers, initializer=_init_worker) as pool:
             for done, _ in enumerate(pool.imap_unordered(_run_one, todo), 1):
-                if progress:
-                    print(f"[{name}] {done}/{len(todo)} done", flush=True)
+                print(f"[{name}] {done}/{len(todo)} done", flush=True)
     return [json.loads(path.read_text())["result"] for path in paths]

@@ -51,7 +51,7 @@ LABELS = {**{m: m for m in METHODS}, "clip": "in-batch (clip)", "neuclip": "neuc
           "neuclip (T_r 500)": "neuclip (bank, T_r 500)", "neuclip (paper)": "neuclip (paper: batch, T_r 500)"}
 
 
-def data_for(size: int, quick: bool) -> dict:
+def data_for(size: int) -> dict:
     from benchmarks import harness as H
 
     return H.mosaic_pairs("train", size, variant="tones")
@@ -63,13 +63,11 @@ def accuracy_job(job: dict) -> dict:
 
     from benchmarks import harness as H
 
-    data = data_for(job["size"], job["quick"])
-    pool = {k: data[k] for k in ("pixel_values", "input_ids", "attention_mask", "sample_ids")}
-    pool["pixel_values"] = pool["pixel_values"].float()
+    data = data_for(job["size"])
     overrides = {**relative_schedules(job["method"], job["size"], job["batch"], job["steps"]),
                  **job.get("overrides", {})}
     trainer = H.build_trainer(job["method"], data, job["steps"], job["batch"], seed=job["seed"], **overrides)
-    diagnostics = NormaliserDiagnosticsCallback(pool, every_steps=max(1, job["steps"] // 4), num_probes=job["probes"],
+    diagnostics = NormaliserDiagnosticsCallback(data, every_steps=max(1, job["steps"] // 4), num_probes=job["probes"],
                                                 batch_size=job["batch"]).attach(trainer)
     start = time.time()
     with redirect_stdout(io.StringIO()):
@@ -92,7 +90,7 @@ def main(argv=None) -> dict:
     if quick:
         settings = [(base, 32), (base, 64), (10 * base, 64)]
     for size in {s for s, _ in settings}:
-        data_for(size, quick)  # build the caches once, before the parallel jobs
+        data_for(size)  # build the caches once, before the parallel jobs
     jobs, variants = [], []
     for size, batch in settings:
         for variant, (objective, overrides) in VARIANTS.items():

@@ -38,8 +38,8 @@ from benchmarks.common import (  # noqa: E402
     write_json,
 )
 from benchmarks.jobs import run_jobs  # noqa: E402
+from neuclip_hf import OBJECTIVES  # noqa: E402
 
-OBJECTIVES = ("clip", "siglip", "fastclip", "amorlip", "neuclip")
 PAPER = {"neuclip_restart_source": "batch", "neuclip_restart_schedule": "constant", "neuclip_restart_period": 500,
          "neuclip_inner_steps": 10, "neuclip_learning_rate": 0.05}
 SWEEP = {
@@ -92,7 +92,6 @@ def train_job(job: dict) -> dict:
 
     def metric(model) -> float:
         result = score(model, evaluation)
-        model.train()
         if "acc1" in result:
             return result["acc1"]
         return (result["image_retrieval_recall@1"] + result["text_retrieval_recall@1"]) / 2

@@ -140,10 +140,12 @@ def pool_from_data(data_args, processor, size: int) -> dict:
 
     args = dataclasses.replace(data_args, eval_data=data_args.train_data, eval_split=data_args.train_split)
     parts: dict[str, list] = {}
+    collected = 0
     for batch in build_eval_dataloader(args, processor, batch_size=min(size, 512)):
         for key in ("pixel_values", "input_ids", "attention_mask", "sample_ids"):
             parts.setdefault(key, []).append(batch[key])
-        if sum(len(p) for p in parts["sample_ids"]) >= size:
+        collected += len(batch["sample_ids"])
+        if collected >= size:
             break
     return {key: torch.cat(values)[:size] for key, values in parts.items()}
 

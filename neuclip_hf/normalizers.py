@@ -624,12 +624,16 @@ class PrototypeNormalizer(NormalizerEstimator):
             norm = prototypes.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # as F.normalize
             unit = prototypes / norm
             z = (anchors @ unit.T - inputs.positive[:, None]) / temperature  # (B, m)
-            log_mean = torch.logsumexp(z, dim=1) - math.log(self.num_prototypes)  # S_i
+            # One exp over the (B, m) scores serves both logsumexp_k z_ik and softmax_k(z_i).
+            z_max = z.amax(dim=1, keepdim=True)
+            shifted = torch.exp(z - z_max)
+            total = shifted.sum(dim=1)
+            log_mean = z_max.squeeze(1) + torch.log(total) - math.log(self.num_prototypes)  # S_i
             alpha = log_eps_plus(log_mean, self.eps)
             ratio = torch.exp(log_g - alpha)  # exp(-alpha) (eps + ghat)
             value = value + (ratio + alpha).mean()
             coefficient = (1 - ratio) * torch.exp(log_mean - alpha) / (batch * temperature)  # dL/dz, up to softmax
-            grad_cosine = torch.softmax(z, dim=1) * coefficient[:, None]  # (B, m)
+            grad_cosine = shifted * (coefficient / total)[:, None]  # softmax_k(z_i) * coefficient_i, (B, m)
             grad_unit = grad_cosine.T @ anchors  # (m, d): dL / d(W_k / |W_k|)
             # Through the normalisation: remove the radial component, divide by the norm.
             gradients.append((grad_unit - (grad_unit * unit).sum(-1, keepdim=True) * unit) / norm)

@@ -148,7 +148,6 @@ class ImageTextStream(torch.utils.data.IterableDataset):
 
     Args:
         dataset: The rank's streaming dataset (already split by node).
-        columns: Column roles.
         decoder: Raw example -> decoded sample.
         encoder: Decoded samples -> batch of tensors.
         batch_size: Samples per batch.
@@ -161,15 +160,14 @@ class ImageTextStream(torch.utils.data.IterableDataset):
         seed: Seed of the shuffle buffer.
     """
 
-    def __init__(self, dataset, columns: Columns, decoder: SampleDecoder, encoder: BatchEncoder, batch_size: int,
+    def __init__(self, dataset, decoder: SampleDecoder, encoder: BatchEncoder, batch_size: int,
                  drop_last: bool, max_bad_fraction: float, bad_check_min_samples: int, rank: int = 0,
                  shuffle_buffer: int = 0, seed: int = 0):
         super().__init__()
-        self.dataset, self.columns, self.decoder, self.encoder = dataset, columns, decoder, encoder
+        self.dataset, self.decoder, self.encoder = dataset, decoder, encoder
         self.batch_size, self.drop_last, self.rank = batch_size, drop_last, rank
         self.max_bad_fraction, self.bad_check_min_samples = max_bad_fraction, bad_check_min_samples
         self.shuffle_buffer, self.seed = shuffle_buffer, seed
-        self.forward_epoch = shuffle_buffer > 0  # without shuffling the shard order stays fixed across epochs
         self.epoch = 0
         self._pending_state: dict | None = None  # loaded, applied when iteration starts
         self._counter: BadSampleCounter | None = None
@@ -178,7 +176,7 @@ class ImageTextStream(torch.utils.data.IterableDataset):
     def set_epoch(self, epoch: int) -> None:
         """Start `epoch` at the next iteration (new augmentation draws; new shard order when shuffling)."""
         self.epoch = int(epoch)
-        if self.forward_epoch:
+        if self.shuffle_buffer > 0:  # without shuffling the shard order stays fixed across epochs
             self.dataset.set_epoch(self.epoch)
 
     def state_dict(self) -> dict:
@@ -292,7 +290,6 @@ class StreamingDataLoader(StatefulDataLoader):
                              prefetch_factor=prefetch_factor if num_workers > 0 else None, persistent_workers=False)
         self.stream = stream
         self.layout = dict(layout)
-        self.per_device_batch_size = layout["batch_size"]  # the torch loader's `batch_size` is None (prebuilt)
 
     @property
     def epoch(self) -> int:
@@ -356,7 +353,7 @@ def _build(args: DataArguments, spec: str | None, split: str | tuple[str, ...], 
                             (args.augment_min_scale, 1.0), seed, source.paths_relative_to_shard, training,
                             args.jpeg_draft)
     encoder = BatchEncoder(processor, _text_length(args, processor.tokenizer), augment)
-    stream = ImageTextStream(dataset, columns, decoder, encoder, batch_size, drop_last=training,
+    stream = ImageTextStream(dataset, decoder, encoder, batch_size, drop_last=training,
                              max_bad_fraction=args.max_bad_fraction, bad_check_min_samples=args.bad_check_min_samples,
                              rank=rank, shuffle_buffer=shuffle_buffer, seed=seed)
     layout = {"rank": rank, "world_size": world_size, "num_workers": num_workers, "batch_size": batch_size}

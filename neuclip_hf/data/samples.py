@@ -213,6 +213,10 @@ class SampleDecoder:
                  augment_scale: tuple[float, float], seed: int, paths_relative_to_shard: bool, training: bool,
                  jpeg_draft: bool = True):
         self.columns = columns
+        # JSON caption keys to try, when the caption column holds JSON (a `.json` webdataset member or a named key).
+        is_json = columns.caption_key is not None or columns.caption.lower().rsplit(".", 1)[-1] == "json"
+        self.json_caption_keys = ([columns.caption_key] if columns.caption_key else JSON_CAPTION_KEYS) if is_json \
+            else None
         self.min_side, self.max_pixels, self.image_size = min_side, max_pixels, image_size
         self.augment, self.augment_scale, self.seed = augment, augment_scale, seed
         self.paths_relative_to_shard, self.training = paths_relative_to_shard, training
@@ -230,9 +234,8 @@ class SampleDecoder:
 
     def caption(self, value, rng_for) -> str:
         """The caption text from a string / bytes / JSON / list value (raises `BadSampleError`)."""
-        if self.columns.caption_key is not None or self.columns.caption.lower().rsplit(".", 1)[-1] == "json":
-            value = load_json_caption(value, [self.columns.caption_key] if self.columns.caption_key
-                                      else JSON_CAPTION_KEYS)
+        if self.json_caption_keys is not None:
+            value = load_json_caption(value, self.json_caption_keys)
         if isinstance(value, (list, tuple, np.ndarray)):  # several captions per image (COCO style)
             if len(value) == 0:
                 raise BadSampleError("caption_missing", "empty caption list")
@@ -380,7 +383,8 @@ class BadSampleCounter:
 def accumulate_data_stats(total: dict, stats: dict) -> dict:
     """Add one batch's `data_stats` into `total` (ints are summed, the last non-empty strings kept); returns it.
 
-    The trainer pops `batch["data_stats"]` before the forward and folds it in with this, per logging interval.
+    For loops over `build_train_dataloader` outside the Trainer (NeuCLIPTrainer folds the same counts into a
+    tensor that it all-reduces across ranks).
     """
     for key, value in stats.items():
         if isinstance(value, str):
