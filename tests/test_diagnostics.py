@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 from helpers import tiny_config, unit_vectors
 from trainer_helpers import PairDataset, make_trainer
@@ -108,3 +109,14 @@ def test_diagnostics_callback_logs_errors_during_training(tmp_path):
         assert entry["normalizer_mse"] >= 0 and entry["normalizer_in_batch_mse"] >= 0
         assert math.isfinite(entry["normalizer_bias"])
     assert len(callback.history) == 2
+
+
+def test_old_spellings_still_work_with_a_deprecation_warning():
+    from neuclip_hf import diagnostics
+    from neuclip_hf.arguments import EvalArguments
+
+    with pytest.warns(FutureWarning, match="use NormalizerDiagnosticsCallback"):
+        assert diagnostics.NormaliserDiagnosticsCallback is NormalizerDiagnosticsCallback
+    with pytest.warns(FutureWarning, match="--normaliser_diagnostics_steps is deprecated"):
+        args = EvalArguments(normaliser_diagnostics_steps=7, normaliser_diagnostics_pool=64)
+    assert (args.normalizer_diagnostics_steps, args.normalizer_diagnostics_pool) == (7, 64)
