@@ -17,14 +17,19 @@ from trainer_helpers import PairDataset
 
 from neuclip_hf import NeuCLIPConfig, NeuCLIPModel, registered_objectives
 from neuclip_hf.model_card import build_model_card
-from neuclip_hf.normalizer_base import NormalizerEstimator, number_field, register_normalizer, zero_counter
+from neuclip_hf.normalizer_base import (
+    NORMALIZERS,
+    NormalizerEstimator,
+    number_field,
+    register_normalizer,
+    zero_counter,
+)
 from neuclip_hf.trainer import NeuCLIPTrainer, NeuCLIPTrainingArguments
 
 PACKAGE = Path(__file__).resolve().parents[1] / "neuclip_hf"
 BUILT_IN = ("clip", "siglip", "fastclip", "amorlip", "neuclip")
 
 
-@register_normalizer
 class GlobalMeanNormalizer(NormalizerEstimator):
     """A deliberately simple sixth method: one moving average of the batch-mean log-normalizer per direction."""
 
@@ -55,7 +60,15 @@ class GlobalMeanNormalizer(NormalizerEstimator):
         return self.log_mean[0].expand(rows), self.log_mean[1].expand(rows)
 
 
-def test_a_sixth_method_is_one_class_and_needs_no_other_file(tmp_path):
+@pytest.fixture
+def toy_method():
+    """The toy method registered for one test (and removed again, so other tests see only the built-in methods)."""
+    register_normalizer(GlobalMeanNormalizer)
+    yield GlobalMeanNormalizer
+    NORMALIZERS.pop(GlobalMeanNormalizer.objective)
+
+
+def test_a_sixth_method_is_one_class_and_needs_no_other_file(tmp_path, toy_method):
     assert registered_objectives()[:5] == BUILT_IN and "toy_global_mean" in registered_objectives()
     config = tiny_config("toy_global_mean", toy_decay=0.25)
     assert config.toy_decay == 0.25 and NeuCLIPConfig(objective="toy_global_mean").toy_decay == 0.5
@@ -86,7 +99,7 @@ def test_a_sixth_method_is_one_class_and_needs_no_other_file(tmp_path):
         assert needle in card, needle
 
 
-def test_a_method_name_or_config_prefix_cannot_be_registered_twice():
+def test_a_method_name_or_config_prefix_cannot_be_registered_twice(toy_method):
     with pytest.raises(ValueError, match="objective 'neuclip' is already registered by PrototypeNormalizer"):
         register_normalizer(type("Clash", (NormalizerEstimator,), {"objective": "neuclip"}))
     with pytest.raises(ValueError, match="config prefix 'toy_' is already used by GlobalMeanNormalizer"):
