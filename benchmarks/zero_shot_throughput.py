@@ -37,7 +37,7 @@ import torch
 import neuclip_hf
 from neuclip_hf import NeuCLIPModel
 from neuclip_hf.default_data import FASHION_MNIST_CLASSES, default_data_files
-from neuclip_hf.eval_data import open_eval_data
+from neuclip_hf.data import open_eval_data
 from neuclip_hf.evaluation import ZeroShotEvaluator, evaluate_pretrained
 from neuclip_hf.images import load_image
 from neuclip_hf.presets import model_config

@@ -1,4 +1,10 @@
-"""Command-line arguments of the recipes: model arguments and a parser that also reads one YAML/JSON file.
+"""Every argument dataclass of the package, and the recipes' parser that also reads one YAML/JSON file.
+
+- `ModelArguments`: what model to train (objective, preset, continued pretraining, config overrides);
+- `LoraArguments`: LoRA adapters (`--lora_r` > 0 enables them);
+- `DataArguments`: training and evaluation data (sources, columns, bad-sample policy, preprocessing);
+- `EvalArguments`: held-out zero-shot evaluation and the live normalizer diagnostics during training;
+- `NeuCLIPTrainingArguments`: `transformers.TrainingArguments` plus what the normalizer methods need.
 
 `python recipes/train.py config.yaml --max_steps 100`: the file's values first, then the command line overrides
 them. Every dataclass field is a flag (`--objective`, `--init_from`, `--train_data`, and all `TrainingArguments`).
@@ -7,12 +13,16 @@ them. Every dataclass field is a flag (`--objective`, `--init_from`, `--train_da
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
-from transformers import HfArgumentParser
+from transformers import HfArgumentParser, TrainingArguments
+
+from .hub import RetryPolicy
+from .images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE
 
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 
@@ -31,11 +41,11 @@ class ModelArguments:
         default=None,
         metadata={"help": "Continued pretraining: a CLIP or NeuCLIP checkpoint (directory or Hub id, e.g. "
                           "openai/clip-vit-base-patch32). Its encoders, tokenizer and processor are loaded; only the "
-                          "normaliser is new."},
+                          "normalizer is new."},
     )
     init_normalizer_from: str | None = field(
         default=None,
-        metadata={"help": "Warm-start the normaliser from a normaliser repository / directory (normalizer.safetensors "
+        metadata={"help": "Warm-start the normalizer from a normalizer repository / directory (normalizer.safetensors "
                           "+ normalizer_config.json, see neuclip_hf.hub.push_normalizer) or a NeuCLIP checkpoint; the "
                           "objective and the tensor shapes must match."},
     )
@@ -64,14 +74,30 @@ class EvalArguments:
         default=None, metadata={"help": "Evaluate on at most this many held-out samples (default: all)."}
     )
     eval_batch_size: int = field(default=256, metadata={"help": "Images encoded at a time during evaluation."})
-    normaliser_diagnostics_steps: int = field(
+    normalizer_diagnostics_steps: int = field(
         default=0,
-        metadata={"help": "Every N steps, log the estimator's error against the exact log-normaliser of a probe set "
-                          "over a pool of training samples (normaliser_mse, normaliser_in_batch_mse); 0: off."},
+        metadata={"help": "Every N steps, log the estimator's error against the exact log-normalizer of a probe set "
+                          "over a pool of training samples (normalizer_mse, normalizer_in_batch_mse); 0: off."},
     )
-    normaliser_diagnostics_pool: int = field(
+    normalizer_diagnostics_pool: int = field(
         default=2048, metadata={"help": "Training samples in the diagnostics' reference pool (the first ones)."}
     )
+    # Deprecated spellings, kept for one release.
+    normaliser_diagnostics_steps: int | None = field(
+        default=None, metadata={"help": "Deprecated: use --normalizer_diagnostics_steps."}
+    )
+    normaliser_diagnostics_pool: int | None = field(
+        default=None, metadata={"help": "Deprecated: use --normalizer_diagnostics_pool."}
+    )
+
+    def __post_init__(self):
+        for old, new in (("normaliser_diagnostics_steps", "normalizer_diagnostics_steps"),
+                         ("normaliser_diagnostics_pool", "normalizer_diagnostics_pool")):
+            value = getattr(self, old)
+            if value is not None:
+                warnings.warn(f"--{old} is deprecated; use --{new}", FutureWarning, stacklevel=2)
+                setattr(self, new, value)
+                setattr(self, old, None)
 
 
 @dataclass
@@ -86,6 +112,146 @@ class LoraArguments:
                           "q_proj, k_proj, v_proj, out_proj; MLP: fc1, fc2)."},
     )
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input."})
+
+
+@dataclass
+class DataArguments:
+    """Input arguments of training and evaluation (`HfArgumentParser`-compatible)."""
+
+    train_data: str | None = field(default=None, metadata={
+        "help": "Training data: a glob, a comma-separated list of files (webdataset .tar, .parquet, .arrow, captions "
+                ".jsonl/.csv), a local directory (images + captions.jsonl, or a dataset directory) or a Hub dataset "
+                "name. Default: the embedded Fashion-MNIST captions (train split)."})
+    eval_data: str | None = field(default=None, metadata={
+        "help": "Evaluation data, same forms as --train_data. Default: the embedded dataset's test split."})
+    train_split: str = field(default="train", metadata={"help": "Split of a dataset directory / Hub dataset."})
+    eval_split: str | None = field(default=None, metadata={
+        "help": "Split for evaluation of a dataset directory / Hub dataset (default: the first of test, validation, "
+                "valid, val, eval that exists)."})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Configuration of a Hub dataset."})
+    image_column: str | None = field(default=None, metadata={"help": "Image column / webdataset field to use."})
+    caption_column: str | None = field(default=None, metadata={
+        "help": "Caption column / webdataset field; `json.<key>` picks a key inside a JSON field."})
+    id_column: str | None = field(default=None, metadata={
+        "help": "Sample-id column (default: sample_id / id / key / the webdataset key; else a content hash)."})
+    shuffle_buffer: int = field(default=0, metadata={
+        "help": "Shuffle buffer (raw examples per DataLoader worker); > 0 also shuffles the shard order, anew at "
+                "each set_epoch. 0 = fixed order and exact resume; with a buffer, a resume skips the buffered "
+                "examples (at most shuffle_buffer per worker) and repeats none."})
+    max_bad_fraction: float = field(default=0.01, metadata={
+        "help": "Stop with an error when more than this fraction of the samples read is bad."})
+    bad_check_min_samples: int = field(default=200, metadata={
+        "help": "Judge the bad fraction only after this many samples per worker."})
+    min_image_side: int = field(default=DEFAULT_MIN_SIDE, metadata={"help": "Skip images with a smaller side."})
+    max_image_pixels: int = field(default=DEFAULT_MAX_PIXELS, metadata={
+        "help": "Skip images with more pixels (decompression bombs; checked before decoding)."})
+    augment: bool = field(default=False, metadata={"help": "Random-resized-crop augmentation for training."})
+    jpeg_draft: bool = field(default=True, metadata={
+        "help": "Decode JPEGs at a reduced DCT scale (1/2, 1/4, 1/8) when the result still covers the model input: "
+                "several times faster on photos much larger than the input. --jpeg_draft False decodes at full "
+                "size (bit-exact CLIP preprocessing)."})
+    augment_min_scale: float = field(default=0.9, metadata={
+        "help": "Smallest area fraction of the random-resized crop (CLIP uses 0.9)."})
+    max_text_length: int | None = field(default=None, metadata={
+        "help": "Tokens per caption, start/end included (default: the tokenizer's model_max_length, which the "
+                "trainer sets to the model's max positions)."})
+    dataset_size: int | None = field(default=None, metadata={
+        "help": "Declared number of training samples (FastCLIP table size); counted by streaming when unset."})
+
+    def __post_init__(self):
+        checks = [
+            (self.shuffle_buffer >= 0, "shuffle_buffer", "an integer >= 0"),
+            (0.0 <= self.max_bad_fraction <= 1.0, "max_bad_fraction", "a fraction in [0, 1]"),
+            (self.bad_check_min_samples >= 1, "bad_check_min_samples", "an integer >= 1"),
+            (self.min_image_side >= 1, "min_image_side", "an integer >= 1"),
+            (self.max_image_pixels >= 1, "max_image_pixels", "an integer >= 1"),
+            (0.0 < self.augment_min_scale <= 1.0, "augment_min_scale", "a fraction in (0, 1]"),
+            (self.max_text_length is None or self.max_text_length >= 2, "max_text_length", "None or >= 2"),
+            (self.dataset_size is None or self.dataset_size >= 1, "dataset_size", "None or >= 1"),
+        ]
+        for ok, name, expected in checks:
+            if not ok:
+                raise ValueError(f"DataArguments.{name}={getattr(self, name)!r}: expected {expected}")
+
+
+@dataclass
+class NeuCLIPTrainingArguments(TrainingArguments):
+    """`TrainingArguments` plus what the normalizer methods need; defaults follow the published CLIP recipes.
+
+    Gradient accumulation is refused: the global objectives and the estimators need the whole global batch in one
+    step (their normalizer is a function of the batch), and NeuCLIP's point is to need no huge batch.
+    """
+
+    normalizer_learning_rate: float | None = field(
+        default=None, metadata={"help": "Learning rate of the normalizer's own optimizer (default: the config's)."}
+    )
+    normalizer_lr_scheduler_type: str = field(
+        default="constant", metadata={"help": "Scheduler of the normalizer's optimizer (a transformers scheduler)."}
+    )
+    temperature_learning_rate: float | None = field(
+        default=None,
+        metadata={"help": "Own constant learning rate of the temperature (FastCLIP: 1e-4 to 2e-4); None: the encoder "
+                          "schedule, as OpenCLIP does."},
+    )
+    temperature_lr_threshold: float = field(
+        default=0.03, metadata={"help": "FastCLIP's rule: multiply the temperature lr by the factor once T <= this."}
+    )
+    temperature_lr_factor: float = field(default=1 / 3, metadata={"help": "See temperature_lr_threshold."})
+    rho_schedule: list[float] | None = field(
+        default=None,
+        metadata={"help": "Piecewise-constant rho over equal segments of the run, e.g. `6.5 6.5 6.5 -8.0` (AmorLIP's "
+                          "annealing: the last quarter negative). Default: the config's rho throughout."},
+    )
+    max_consecutive_nonfinite: int = field(
+        default=5, metadata={"help": "Stop after this many consecutive steps with a non-finite loss or estimate."}
+    )
+    # Defaults changed from TrainingArguments (published CLIP recipes: AdamW beta2 0.98, eps 1e-6, cosine, clip 1).
+    output_dir: str | None = field(default="outputs/neuclip", metadata={"help": "Where checkpoints are written."})
+    learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate of the encoders."})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay (not on biases, norms, 1-D, T)."})
+    adam_beta2: float = field(default=0.98, metadata={"help": "AdamW beta2."})
+    adam_epsilon: float = field(default=1e-6, metadata={"help": "AdamW epsilon."})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "Encoder learning-rate schedule."})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep `sample_ids` in the batch."})
+    ddp_find_unused_parameters: bool | None = field(default=False, metadata={"help": "All encoder weights are used."})
+    logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
+    dataloader_drop_last: bool = field(default=True, metadata={"help": "Equal batches on every rank."})
+    hub_push_attempts: int = field(
+        default=4, metadata={"help": "Attempts of each Hub call of a push (network errors, HTTP 408/429/5xx)."}
+    )
+    hub_push_backoff: float = field(
+        default=2.0, metadata={"help": "Seconds before the first retry of a Hub call; doubles per retry (max 60)."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.gradient_accumulation_steps != 1:
+            raise ValueError(
+                f"--gradient_accumulation_steps={self.gradient_accumulation_steps} is not supported: the global "
+                "objectives and normalizer estimators need the whole global batch in one step. Raise "
+                "--per_device_train_batch_size or the number of processes instead (NeuCLIP is designed for small "
+                "batches)."
+            )
+        for name in ("learning_rate", "normalizer_learning_rate", "temperature_learning_rate"):
+            value = getattr(self, name)
+            if value is not None and not value >= 0:
+                raise ValueError(f"--{name}={value} is invalid: a learning rate must be >= 0")
+        if self.per_device_train_batch_size * max(self.world_size, 1) < 2:
+            raise ValueError(
+                f"--per_device_train_batch_size={self.per_device_train_batch_size} with {self.world_size} process(es) "
+                "gives a global batch of 1: contrastive objectives need at least 2 pairs"
+            )
+        if self.max_consecutive_nonfinite < 1:
+            raise ValueError(f"--max_consecutive_nonfinite={self.max_consecutive_nonfinite} must be >= 1")
+        if self.rho_schedule is not None and len(self.rho_schedule) == 0:
+            raise ValueError("--rho_schedule needs at least one value")
+        if self.push_to_hub and self.hub_strategy in ("checkpoint", "all_checkpoints"):
+            strategy = getattr(self.hub_strategy, "value", self.hub_strategy)
+            raise ValueError(
+                f"--hub_strategy={strategy} is not supported: checkpoints hold pickled optimizer and RNG states, "
+                "which neuclip_hf never uploads. Use every_save (the model files of each save) or end."
+            )
+        RetryPolicy(self.hub_push_attempts, self.hub_push_backoff)  # validates both values
 
 
 def parse_overrides(text: str | None) -> dict[str, Any]:

@@ -1,8 +1,10 @@
-"""Configuration of NeuCLIP models: a `CLIPConfig` plus the objective and its normaliser estimator.
+"""Configuration of NeuCLIP models: a `CLIPConfig` plus the objective and its normalizer estimator.
 
 Every training method in this package is one contrastive objective with a different estimate of each anchor's
-log-normaliser log(eps + g_i) (see ALGORITHMS.md). The fields below are grouped by method; fields of methods other
-than `objective` are kept (so one config can be switched between methods) but unused.
+log-normalizer log(eps + g_i) (see docs/algorithms.md). The fields shared by every method are declared here; each
+method declares its own fields (`<prefix><name>`, e.g. `neuclip_num_prototypes`) with their defaults, checks and
+help in its `normalizer_<name>.py` (`config_fields`). Fields of methods other than `objective` are kept (so one
+config can be switched between methods) but unused.
 """
 
 from __future__ import annotations
@@ -12,12 +14,7 @@ import math
 from huggingface_hub.dataclasses import strict
 from transformers import CLIPConfig
 
-# The objectives shipped with the package. `neuclip_hf.normalizers.register_normalizer` extends this tuple.
-OBJECTIVES: tuple[str, ...] = ("clip", "siglip", "fastclip", "amorlip", "neuclip")
-NEUCLIP_RESTART_SCHEDULES = ("constant", "doubling")
-NEUCLIP_RESTART_SOURCES = ("bank", "batch")
-AMORLIP_ESTIMATE_SOURCES = ("blend", "target")
-FASTCLIP_ID_MODES = ("index", "map")
+from .normalizers import NORMALIZERS, normalizer_class, registered_objectives
 
 # Keys of a saved CLIPConfig that must not be forwarded when converting it into a NeuCLIPConfig.
 _CLIP_ONLY_KEYS = ("model_type", "transformers_version", "architectures", "auto_map", "_name_or_path")
@@ -31,54 +28,22 @@ def _check(condition: bool, field: str, value, allowed: str) -> None:
 
 @strict
 class NeuCLIPConfig(CLIPConfig):
-    r"""Configuration of a [`NeuCLIPModel`]: CLIP encoders plus a normaliser estimator.
+    r"""Configuration of a [`NeuCLIPModel`]: CLIP encoders plus a normalizer estimator.
 
     Args:
-        objective: Training objective, one of `clip` (in-batch InfoNCE, OpenCLIP / HF `clip_loss`), `siglip`
-            (pairwise sigmoid), `fastclip` (moving-average normaliser per sample, FastCLIP-v3 / SogCLR), `amorlip`
-            (amortised partition function, AmorLIP) or `neuclip` (prototype normaliser network, NeuCLIP).
+        objective: Training objective, a registered method: `clip` (in-batch InfoNCE, OpenCLIP / HF `clip_loss`),
+            `siglip` (pairwise sigmoid), `fastclip` (moving-average normalizer per sample, FastCLIP-v3 / SogCLR),
+            `amorlip` (amortised partition function, AmorLIP) or `neuclip` (prototype normalizer network, NeuCLIP).
         eps: The epsilon inside log(eps + g) of the global contrastive objective (FastCLIP-v3 RGCL-g).
         rho: Weight of the temperature penalty: the global objectives add `2 * rho * T` (rho per direction).
             AmorLIP's paper writes the same term as `rho_A * T`, so its rho_A equals `2 * rho` here.
-        temperature_init: Initial temperature T (`logit_scale = log(1/T)`). `None` picks 0.1 for `siglip`
-            (logit scale 10, as in SigLIP) and 0.07 otherwise (CLIP).
+        temperature_init: Initial temperature T (`logit_scale = log(1/T)`). `None` picks the method's default: 0.1
+            for `siglip` (logit scale 10, as in SigLIP) and 0.07 otherwise (CLIP).
         temperature_min: Lower bound of T, applied by `clamp_logit_scale_` after every step (0.01: 1/T <= 100).
         temperature_max: Upper bound of T (1.0 keeps the logit scale >= 1, as AmorLIP clamps it).
-        neuclip_num_prototypes: m, prototypes per direction (4096 in the paper).
-        neuclip_inner_steps: T_u, AdaGrad steps on the prototypes per training step (10 in the paper).
-        neuclip_restart_period: T_r, steps between restarts that re-seed the prototypes (500 in the paper).
-        neuclip_restart_schedule: `constant` restarts every T_r steps; `doubling` restarts after
-            `neuclip_restart_initial_period` steps and doubles the gap until it reaches T_r (early restarts keep
-            the prototypes fresh while a randomly initialised encoder moves fast).
-        neuclip_restart_initial_period: First gap of the `doubling` schedule.
-        neuclip_restart_source: Where restarts take their embeddings: `bank` (a FIFO of the last m gathered
-            embeddings of each modality, so m distinct prototypes even when the global batch is smaller than m) or
-            `batch` (the current global batch only, as in the paper; repeated cyclically when it is smaller than m).
-        neuclip_learning_rate: AdaGrad learning rate of the prototypes (not published; tuned in `benchmarks/`).
-        neuclip_reset_optimizer_on_restart: Reset the AdaGrad accumulators when the prototypes are re-seeded.
-        amorlip_hidden_factor: f_d, hidden width of the residual MLPs as a fraction of the embedding size.
-        amorlip_inner_steps: T_lambda, Adam steps of the online networks per update (3 in the paper).
-        amorlip_update_period: T_online, steps between online-network updates (1 large scale, 8 medium scale).
-        amorlip_learning_rate: Adam learning rate of the online networks (1e-3 in the paper).
-        amorlip_ema_decay: alpha of the EMA target networks (0.92 large scale, 0.999 medium scale).
-        amorlip_ema_period: T_target, steps between EMA updates (2 in the paper).
-        amorlip_beta_max: beta_T, final weight of the previous-epoch network in the blended target (0.8).
-        amorlip_beta_ramp_epochs: Epochs over which beta ramps from 0 to beta_T by a cosine (16 in the release).
-        amorlip_epoch_steps: Length of an AmorLIP "epoch" in steps: the previous-epoch snapshot and the
-            re-initialisation happen at its boundaries (streaming data has no natural epoch).
-        amorlip_positive_weight: c_pos, weight of the positive pair inside the partition sum (1.0 in the paper,
-            1e-3 in the released script).
-        amorlip_estimate_source: What the encoder loss divides by: `blend` (beta * previous-epoch network +
-            (1 - beta) * in-batch sum, the released recipe) or `target` (the EMA target network, the paper's text).
-        amorlip_grad_clip: Gradient-norm clip of the online networks (1.0 in the release).
-        fastclip_dataset_size: n, entries of the moving-average table (one per training sample). Required for
-            `fastclip`.
-        fastclip_id_mode: `index` when sample ids are already in [0, n); `map` to assign table slots to arbitrary
-            integer ids in order of first appearance.
-        fastclip_gamma_min: Final moving-average weight gamma (0.2 in FastCLIP-v3).
-        fastclip_gamma_decay_epochs: Epochs over which gamma decays from 1 to `fastclip_gamma_min` by a cosine
-            (0 keeps gamma at `fastclip_gamma_min` throughout).
-        siglip_bias_init: Initial SigLIP logit bias b (-10 in SigLIP).
+        <method>_<field>: Each method's own fields, e.g. `neuclip_num_prototypes`, `amorlip_ema_decay`,
+            `fastclip_dataset_size`, `siglip_bias_init`: see `config_fields` in the method's
+            `normalizer_<name>.py` (defaults, allowed values, published settings).
     """
 
     model_type = "neuclip"
@@ -90,48 +55,32 @@ class NeuCLIPConfig(CLIPConfig):
     temperature_min: float | int = 0.01
     temperature_max: float | int = 1.0
 
-    neuclip_num_prototypes: int = 4096
-    neuclip_inner_steps: int = 10
-    neuclip_restart_period: int = 500
-    neuclip_restart_schedule: str = "constant"
-    neuclip_restart_initial_period: int = 25
-    neuclip_restart_source: str = "bank"
-    neuclip_learning_rate: float | int = 0.05
-    neuclip_reset_optimizer_on_restart: bool = True
-
-    amorlip_hidden_factor: float | int = 0.5
-    amorlip_inner_steps: int = 3
-    amorlip_update_period: int = 1
-    amorlip_learning_rate: float | int = 1e-3
-    amorlip_ema_decay: float | int = 0.92
-    amorlip_ema_period: int = 2
-    amorlip_beta_max: float | int = 0.8
-    amorlip_beta_ramp_epochs: float | int = 16
-    amorlip_epoch_steps: int = 1000
-    amorlip_positive_weight: float | int = 1.0
-    amorlip_estimate_source: str = "blend"
-    amorlip_grad_clip: float | int | None = 1.0
-
-    fastclip_dataset_size: int | None = None
-    fastclip_id_mode: str = "index"
-    fastclip_gamma_min: float | int = 0.2
-    fastclip_gamma_decay_epochs: float | int = 18
-
-    siglip_bias_init: float | int = -10.0
-
     def __post_init__(self, **kwargs):
+        # Each registered method's own fields, from the keyword arguments or the method's defaults.
+        for method in NORMALIZERS.values():
+            for name, spec in method.config_fields.items():
+                key = method.config_prefix + name
+                setattr(self, key, kwargs.pop(key, spec.default))
+        prefixes = tuple(m.config_prefix for m in NORMALIZERS.values() if m.config_prefix)
+        unknown = sorted(key for key in kwargs if key.startswith(prefixes))
+        if unknown:
+            raise ValueError(f"NeuCLIPConfig has no field(s) {unknown}: a method's fields are listed in its "
+                             "`config_fields` (normalizer_<name>.py)")
         if self.temperature_init is None:
-            self.temperature_init = 0.1 if self.objective == "siglip" else 0.07
-        self.validate_neuclip()
+            method = NORMALIZERS.get(self.objective)
+            self.temperature_init = method.default_temperature if method is not None else 0.07
+        self.check_neuclip_fields()
         # CLIP's own field stays consistent with the temperature, so plain CLIPModel code reads the same init.
         self.logit_scale_init_value = math.log(1.0 / self.temperature_init)
         super().__post_init__(**kwargs)
 
-    def validate_neuclip(self) -> None:
-        """Check every NeuCLIP field; raises `ValueError` naming the field and the allowed values."""
-        _check(self.objective in OBJECTIVES, "objective", self.objective, f"one of {OBJECTIVES}")
+    def check_neuclip_fields(self) -> None:
+        """Check every NeuCLIP field (run once, when the config is built); raises `ValueError` naming the field and
+        the allowed values. (Not named `validate_*`: `@strict` would run it a second time and wrap its error.)"""
+        objectives = registered_objectives()
+        _check(self.objective in objectives, "objective", self.objective, f"one of {objectives}")
         _check(self.eps > 0, "eps", self.eps, "a positive number (e.g. 1e-6)")
-        _check(self.rho >= 0 or self.objective == "amorlip", "rho", self.rho, "rho >= 0")
+        _check(self.rho >= 0 or normalizer_class(self.objective).allows_negative_rho, "rho", self.rho, "rho >= 0")
         _check(self.temperature_min > 0, "temperature_min", self.temperature_min, "a positive number")
         _check(
             self.temperature_max >= self.temperature_min, "temperature_max", self.temperature_max,
@@ -141,57 +90,8 @@ class NeuCLIPConfig(CLIPConfig):
             self.temperature_min <= self.temperature_init <= self.temperature_max, "temperature_init",
             self.temperature_init, f"a value in [{self.temperature_min}, {self.temperature_max}]",
         )
-        for name in (
-            "neuclip_num_prototypes", "neuclip_inner_steps", "neuclip_restart_period",
-            "neuclip_restart_initial_period", "amorlip_inner_steps", "amorlip_update_period",
-            "amorlip_ema_period", "amorlip_epoch_steps",
-        ):
-            _check(getattr(self, name) >= 1, name, getattr(self, name), "an integer >= 1")
-        _check(
-            self.neuclip_restart_schedule in NEUCLIP_RESTART_SCHEDULES, "neuclip_restart_schedule",
-            self.neuclip_restart_schedule, f"one of {NEUCLIP_RESTART_SCHEDULES}",
-        )
-        _check(
-            self.neuclip_restart_source in NEUCLIP_RESTART_SOURCES, "neuclip_restart_source",
-            self.neuclip_restart_source, f"one of {NEUCLIP_RESTART_SOURCES}",
-        )
-        _check(self.neuclip_learning_rate > 0, "neuclip_learning_rate", self.neuclip_learning_rate, "> 0")
-        _check(self.amorlip_hidden_factor > 0, "amorlip_hidden_factor", self.amorlip_hidden_factor, "> 0")
-        _check(self.amorlip_learning_rate > 0, "amorlip_learning_rate", self.amorlip_learning_rate, "> 0")
-        _check(0 <= self.amorlip_ema_decay < 1, "amorlip_ema_decay", self.amorlip_ema_decay, "a value in [0, 1)")
-        _check(0 <= self.amorlip_beta_max <= 1, "amorlip_beta_max", self.amorlip_beta_max, "a value in [0, 1]")
-        _check(
-            self.amorlip_beta_ramp_epochs >= 0, "amorlip_beta_ramp_epochs", self.amorlip_beta_ramp_epochs, ">= 0"
-        )
-        _check(
-            self.amorlip_positive_weight >= 0, "amorlip_positive_weight", self.amorlip_positive_weight, ">= 0"
-        )
-        _check(
-            self.amorlip_estimate_source in AMORLIP_ESTIMATE_SOURCES, "amorlip_estimate_source",
-            self.amorlip_estimate_source, f"one of {AMORLIP_ESTIMATE_SOURCES}",
-        )
-        _check(
-            self.amorlip_grad_clip is None or self.amorlip_grad_clip > 0, "amorlip_grad_clip",
-            self.amorlip_grad_clip, "None or > 0",
-        )
-        _check(
-            self.fastclip_dataset_size is None or self.fastclip_dataset_size >= 2, "fastclip_dataset_size",
-            self.fastclip_dataset_size, "None or an integer >= 2 (the number of training samples)",
-        )
-        _check(
-            self.fastclip_dataset_size is not None or self.objective != "fastclip", "fastclip_dataset_size",
-            self.fastclip_dataset_size,
-            "the number of training samples: objective='fastclip' keeps one moving average per sample",
-        )
-        _check(
-            self.fastclip_id_mode in FASTCLIP_ID_MODES, "fastclip_id_mode", self.fastclip_id_mode,
-            f"one of {FASTCLIP_ID_MODES}",
-        )
-        _check(0 < self.fastclip_gamma_min <= 1, "fastclip_gamma_min", self.fastclip_gamma_min, "a value in (0, 1]")
-        _check(
-            self.fastclip_gamma_decay_epochs >= 0, "fastclip_gamma_decay_epochs", self.fastclip_gamma_decay_epochs,
-            ">= 0",
-        )
+        for method in NORMALIZERS.values():
+            method.validate_config(self)
 
     @classmethod
     def from_clip_config(cls, clip_config: CLIPConfig, **overrides) -> "NeuCLIPConfig":
@@ -209,4 +109,4 @@ class NeuCLIPConfig(CLIPConfig):
         return cls(**values)
 
 
-__all__ = ["NeuCLIPConfig", "OBJECTIVES"]
+__all__ = ["NeuCLIPConfig"]

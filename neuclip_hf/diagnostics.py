@@ -1,4 +1,4 @@
-"""How accurate is a normaliser estimate? Exact dataset-wide log-normalisers and each estimator's error.
+"""How accurate is a normalizer estimate? Exact dataset-wide log-normalizers and each estimator's error.
 
 For anchor i of a probe set and a reference pool of n pairs (the training set, or a large sample of it):
 
@@ -12,13 +12,18 @@ the training batch size filled with random pool samples, so in-batch estimates (
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import warnings
 
 import torch
 from transformers import TrainerCallback
 
-from .normalizers import NormalizerEstimator
+from .data import build_eval_dataloader
+from .modeling_neuclip import unwrap_model
+from .normalizers import InBatchNormalizer, NormalizerEstimator, find_normalizer
 from .objectives import NormalizerInputs, log_eps_plus
+from .zero_shot import encode_images, encode_texts
 
 
 @torch.no_grad()
@@ -120,8 +125,6 @@ def estimate_errors(
 def embed_pairs(model, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                 batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
     """Normalised image and text embeddings of preprocessed pairs (any CLIPModel with encode_* or get_*)."""
-    from .zero_shot import encode_images, encode_texts
-
     device = next(model.parameters()).device
     images, texts = [], []
     for start in range(0, pixel_values.shape[0], batch_size):
@@ -134,10 +137,6 @@ def embed_pairs(model, pixel_values: torch.Tensor, input_ids: torch.Tensor, atte
 
 def pool_from_data(data_args, processor, size: int) -> dict:
     """The first `size` decodable training samples as preprocessed tensors (a diagnostics reference pool)."""
-    import dataclasses
-
-    from .data import build_eval_dataloader
-
     args = dataclasses.replace(data_args, eval_data=data_args.train_data, eval_split=data_args.train_split)
     parts: dict[str, list] = {}
     collected = 0
@@ -150,13 +149,13 @@ def pool_from_data(data_args, processor, size: int) -> dict:
     return {key: torch.cat(values)[:size] for key, values in parts.items()}
 
 
-class NormaliserDiagnosticsCallback(TrainerCallback):
-    """Every `every_steps` steps, log how far the estimator is from the exact dataset-wide log-normaliser.
+class NormalizerDiagnosticsCallback(TrainerCallback):
+    """Every `every_steps` steps, log how far the estimator is from the exact dataset-wide log-normalizer.
 
     It embeds a reference pool (preprocessed training pairs with their sample ids) with the current encoders,
-    computes the exact alpha* of the first `num_probes` pairs against the whole pool, asks the normaliser for its
-    estimate of the same anchors in training-size batches, and logs `normaliser_mse` (and per direction, bias),
-    together with the error of the plain in-batch estimate for comparison (`normaliser_in_batch_mse`).
+    computes the exact alpha* of the first `num_probes` pairs against the whole pool, asks the normalizer for its
+    estimate of the same anchors in training-size batches, and logs `normalizer_mse` (and per direction, bias),
+    together with the error of the plain in-batch estimate for comparison (`normalizer_in_batch_mse`).
 
     Args:
         pool: dict with `pixel_values`, `input_ids`, `attention_mask` (optional) and `sample_ids` tensors.
@@ -172,7 +171,7 @@ class NormaliserDiagnosticsCallback(TrainerCallback):
         self.trainer = None
         self.history: list[dict] = []
 
-    def attach(self, trainer) -> "NormaliserDiagnosticsCallback":
+    def attach(self, trainer) -> "NormalizerDiagnosticsCallback":
         self.trainer = trainer
         trainer.add_callback(self)
         return self
@@ -182,7 +181,7 @@ class NormaliserDiagnosticsCallback(TrainerCallback):
             metrics = self.measure(model, batch_size=self.batch_size or args.per_device_train_batch_size
                                    * max(args.world_size, 1))
             self.history.append({"step": state.global_step, **metrics})
-            logs = {f"normaliser_{k}": v for k, v in metrics.items()}
+            logs = {f"normalizer_{k}": v for k, v in metrics.items()}
             if self.trainer is not None:
                 self.trainer.log(logs)
             else:
@@ -190,12 +189,10 @@ class NormaliserDiagnosticsCallback(TrainerCallback):
 
     @torch.no_grad()
     def measure(self, model, batch_size: int) -> dict[str, float]:
-        from .trainer import find_normalizer
-
         normalizer = find_normalizer(model)
         if not isinstance(normalizer, NormalizerEstimator):
-            raise TypeError(f"objective {normalizer.objective!r} has no normaliser estimate to diagnose")
-        core = model.get_base_model() if hasattr(model, "get_base_model") else model
+            raise TypeError(f"objective {normalizer.objective!r} has no normalizer estimate to diagnose")
+        core = unwrap_model(model)
         was_training = core.training
         core.eval()
         try:
@@ -219,8 +216,6 @@ class NormaliserDiagnosticsCallback(TrainerCallback):
             to(pool_text[fill]), to(ids[fill]), temperature, batch_size, generator,
         )
         metrics = estimate_errors(alpha[0].cpu(), alpha[1].cpu(), exact_image, exact_text)
-        from .normalizers import InBatchNormalizer
-
         in_batch = InBatchNormalizer(core.config)
         generator = torch.Generator().manual_seed(0)
         baseline = estimates_in_training_batches(
@@ -229,3 +224,21 @@ class NormaliserDiagnosticsCallback(TrainerCallback):
         )
         metrics["in_batch_mse"] = estimate_errors(*baseline, exact_image, exact_text)["mse"]
         return metrics
+
+
+def __getattr__(name: str):
+    if name == "NormaliserDiagnosticsCallback":  # the old spelling, kept for one release
+        warnings.warn("NormaliserDiagnosticsCallback is deprecated; use NormalizerDiagnosticsCallback",
+                      FutureWarning, stacklevel=2)
+        return NormalizerDiagnosticsCallback
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = [
+    "NormalizerDiagnosticsCallback",
+    "embed_pairs",
+    "estimate_errors",
+    "estimates_in_training_batches",
+    "exact_log_normalizers",
+    "pool_from_data",
+]

@@ -24,10 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import TrainerCallback
+from transformers import AutoModel, AutoProcessor, TrainerCallback
 
-from .eval_data import EvalData, as_eval_data
-from .images import BadSampleError, load_caption, load_image
+from .data.eval_data import EvalData, as_eval_data
+from .images import BadSampleError, load_image
 from .metrics import RECALL_KS, classification_metrics, retrieval_metrics
 from .zero_shot import (
     _check_class_names,
@@ -61,7 +61,7 @@ class ZeroShotEvaluator:
         processor: The model's `CLIPProcessor` (None: `ZeroShotEvalCallback` takes the Trainer's
             `processing_class`).
         data: A spec (None / `"default"`: the embedded test split; an ImageFolder directory; parquet or
-            webdataset files, see `eval_data.open_eval_data`), an `EvalData`, or an iterable of rows with
+            webdataset files, see `data.open_eval_data`), an `EvalData`, or an iterable of rows with
             image / caption / label columns (e.g. a `datasets.Dataset`).
         class_names: Class names for prompts (default: from the data).
         templates: Prompt templates: `openai` (80), `simple` (7), a file or a list of strings with `{}`.
@@ -113,7 +113,7 @@ class ZeroShotEvaluator:
                 expect_captions = bool(row.get("has_caption", row.get("caption") is not None))
             try:
                 image = load_image(row["image"])
-                caption = load_caption(row.get("caption")) if expect_captions else None
+                caption = self.data.caption(row.get("caption")) if expect_captions else None
             except BadSampleError as error:
                 skipped[error.reason] += 1
                 continue
@@ -312,8 +312,6 @@ def load_model_and_processor(
     Raises:
         OSError: the location has no processor and `processor_name_or_path` names none.
     """
-    from transformers import AutoModel, AutoProcessor
-
     model = AutoModel.from_pretrained(model_name_or_path)
     source = processor_name_or_path or model_name_or_path
     try:

@@ -1,4 +1,4 @@
-"""Sharing on the Hugging Face Hub: full models, LoRA adapters, and the normaliser on its own.
+"""Sharing on the Hugging Face Hub: full models, LoRA adapters, and the normalizer on its own.
 
 A full model repository holds what `NeuCLIPModel.save_pretrained` writes (`config.json` with an `auto_map`,
 `model.safetensors` with the encoders and `normalizer.*`, the model code files for `trust_remote_code=True`), the
@@ -6,9 +6,9 @@ processor and tokenizer files, and a model card (`README.md`). It loads as `NeuC
 `import neuclip_hf`, or with `trust_remote_code=True` without the package), as a plain `CLIPModel` (encoders only)
 and in the `zero-shot-image-classification` pipeline.
 
-A normaliser repository (or directory) holds only the estimator: `normalizer.safetensors` (its parameters and
+A normalizer repository (or directory) holds only the estimator: `normalizer.safetensors` (its parameters and
 buffers, keys relative to `model.normalizer`) and `normalizer_config.json` (the objective, the estimator class, the
-embedding size and the estimator's hyper-parameters). `load_normalizer` warm-starts a model's normaliser from such a
+embedding size and the estimator's hyper-parameters). `load_normalizer` warm-starts a model's normalizer from such a
 repository or from a full model repository, and refuses a different objective or different tensor shapes.
 
 Safety rules, enforced here for every upload:
@@ -41,7 +41,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers.utils import logging
 
-from .normalizers import find_normalizer
+from .model_card import build_model_card, build_normalizer_card
+from .modeling_neuclip import is_peft_model, unwrap_model
+from .normalizers import NORMALIZERS, estimator_config, find_normalizer
 from .version import __version__
 
 logger = logging.get_logger(__name__)
@@ -50,7 +52,7 @@ NORMALIZER_WEIGHTS_NAME = "normalizer.safetensors"
 NORMALIZER_CONFIG_NAME = "normalizer_config.json"
 NORMALIZER_FORMAT = "neuclip_hf.normalizer"
 NORMALIZER_FORMAT_VERSION = 1
-NORMALIZER_PREFIX = "normalizer."  # where the normaliser's keys live in a full model's state dict
+NORMALIZER_PREFIX = "normalizer."  # where the normalizer's keys live in a full model's state dict
 
 # Files a push may upload (matched against the file name): weights as safetensors, JSON configs and indexes, the
 # model code (`trust_remote_code`), tokenizer files and the model card. Everything else stays local.
@@ -58,9 +60,6 @@ UPLOAD_PATTERNS = ("*.safetensors", "*.json", "*.py", "README.md", "merges.txt",
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy", ".npz")
 TEXT_SUFFIXES = (".json", ".py", ".md", ".txt", ".model", ".yaml", ".yml")  # scanned for the token before upload
 RETRIABLE_STATUS = (408, 429)  # besides every 5xx: request timeout and rate limit
-
-# Which NeuCLIPConfig fields parametrise each objective's estimator (`eps` is shared by all of them).
-ESTIMATOR_FIELD_PREFIX = {"neuclip": "neuclip_", "amorlip": "amorlip_", "fastclip": "fastclip_", "siglip": "siglip_"}
 
 T = TypeVar("T")
 
@@ -246,7 +245,7 @@ def upload_folder(folder: str | os.PathLike, repo_id: str, *, token: str | None 
     """Push the model files of `folder` (see `upload_files`) to `repo_id` in one commit; the folder is only read.
 
     Args:
-        folder: A saved model / adapter / normaliser folder (e.g. a training run's `output_dir`).
+        folder: A saved model / adapter / normalizer folder (e.g. a training run's `output_dir`).
         repo_id: `namespace/name` on the Hub.
         token: A write token (default: the logged-in token or `HF_TOKEN`).
         private: Create the repository private (no effect if it exists).
@@ -290,40 +289,23 @@ def upload_folder(folder: str | os.PathLike, repo_id: str, *, token: str | None 
     return info
 
 
-# -- the normaliser on its own ----------------------------------------------------------------------------------
-def core_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The NeuCLIPModel inside DDP (`.module`) and PEFT (`get_base_model()`) wrappers."""
-    model = getattr(model, "module", model)
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def estimator_fields(config, objective: str | None = None) -> dict[str, Any]:
-    """The NeuCLIPConfig fields that parametrise `objective`'s estimator (and `eps`)."""
-    objective = objective or config.objective
-    prefix = ESTIMATOR_FIELD_PREFIX.get(objective)
-    values = config.to_dict()
-    fields = {"eps": values.get("eps")}
-    if prefix is not None:
-        fields.update({k: v for k, v in sorted(values.items()) if k.startswith(prefix)})
-    return fields
-
-
+# -- the normalizer on its own ----------------------------------------------------------------------------------
 def normalizer_config(model: torch.nn.Module) -> dict[str, Any]:
-    """The JSON description of a model's normaliser (what `normalizer_config.json` holds)."""
-    core = core_model(model)
+    """The JSON description of a model's normalizer (what `normalizer_config.json` holds)."""
+    core = unwrap_model(model)
     return {
         "format": NORMALIZER_FORMAT,
         "format_version": NORMALIZER_FORMAT_VERSION,
         "objective": core.config.objective,
         "normalizer_class": type(find_normalizer(model)).__name__,
         "projection_dim": core.config.projection_dim,
-        "estimator_config": estimator_fields(core.config),
+        "estimator_config": estimator_config(core.config),
         "neuclip_hf_version": __version__,
     }
 
 
 def save_normalizer(model: torch.nn.Module, directory: str | os.PathLike) -> list[Path]:
-    """Write the normaliser's tensors (`normalizer.safetensors`) and description (`normalizer_config.json`).
+    """Write the normalizer's tensors (`normalizer.safetensors`) and description (`normalizer_config.json`).
 
     Args:
         model: A NeuCLIPModel (optionally DDP / PEFT wrapped).
@@ -347,7 +329,7 @@ def save_normalizer(model: torch.nn.Module, directory: str | os.PathLike) -> lis
 
 @dataclass
 class _SavedNormalizer:
-    """Where a saved normaliser's tensors are and what it was trained for."""
+    """Where a saved normalizer's tensors are and what it was trained for."""
 
     objective: str
     estimator_config: dict[str, Any]
@@ -368,7 +350,7 @@ def fetch_repo_file(source: str, filename: str, hub_kwargs: dict) -> Path | None
 
 
 def _locate_normalizer(source: str, hub_kwargs: dict) -> _SavedNormalizer:
-    """Find a normaliser in a normaliser-only or a full-model directory / repository (safetensors only)."""
+    """Find a normalizer in a normalizer-only or a full-model directory / repository (safetensors only)."""
     description = fetch_repo_file(source, NORMALIZER_CONFIG_NAME, hub_kwargs)
     if description is not None:
         saved = json.loads(description.read_text())
@@ -381,9 +363,9 @@ def _locate_normalizer(source: str, hub_kwargs: dict) -> _SavedNormalizer:
         raise ValueError(f"{source} holds neither a {NORMALIZER_CONFIG_NAME} nor a model config.json")
     values = json.loads(config.read_text())
     if "objective" not in values:
-        raise ValueError(f"{source} is a {values.get('model_type', 'non-NeuCLIP')} checkpoint: it holds no normaliser")
+        raise ValueError(f"{source} is a {values.get('model_type', 'non-NeuCLIP')} checkpoint: it holds no normalizer")
     index = fetch_repo_file(source, "model.safetensors.index.json", hub_kwargs)
-    if index is not None:  # sharded weights: fetch only the shards holding normaliser tensors
+    if index is not None:  # sharded weights: fetch only the shards holding normalizer tensors
         weight_map = json.loads(index.read_text())["weight_map"]
         shards = sorted({f for k, f in weight_map.items() if k.startswith(NORMALIZER_PREFIX)})
         files = [fetch_repo_file(source, shard, hub_kwargs) for shard in shards]
@@ -392,18 +374,19 @@ def _locate_normalizer(source: str, hub_kwargs: dict) -> _SavedNormalizer:
     if not files or any(f is None for f in files):
         raise ValueError(f"{source} has no safetensors weights (only safetensors are read, never pickles)")
     objective = values["objective"]
-    prefix = ESTIMATOR_FIELD_PREFIX.get(objective)
-    estimator = {k: v for k, v in values.items() if k == "eps" or (prefix and k.startswith(prefix))}
+    method = NORMALIZERS.get(objective)  # an unknown objective is refused by the caller (it is not the model's)
+    keys = {"eps", *(method.config_keys() if method is not None else ())}
+    estimator = {k: v for k, v in values.items() if k in keys}
     return _SavedNormalizer(objective, estimator, files, NORMALIZER_PREFIX)
 
 
 def load_normalizer(model: torch.nn.Module, source: str | os.PathLike, *, revision: str | None = None,
                     token: str | None = None, cache_dir: str | None = None,
                     local_files_only: bool = False) -> dict[str, Any]:
-    """Warm-start `model`'s normaliser from a saved one (its parameters, buffers and counters).
+    """Warm-start `model`'s normalizer from a saved one (its parameters, buffers and counters).
 
     Args:
-        model: The NeuCLIPModel (optionally PEFT / DDP wrapped) whose normaliser is overwritten.
+        model: The NeuCLIPModel (optionally PEFT / DDP wrapped) whose normalizer is overwritten.
         source: A directory or Hub repository holding `normalizer.safetensors` + `normalizer_config.json`, or a
             full NeuCLIP model (`config.json` + `model.safetensors`, whose `normalizer.*` tensors are read).
         revision: Hub revision.
@@ -423,11 +406,11 @@ def load_normalizer(model: torch.nn.Module, source: str | os.PathLike, *, revisi
     source = str(source)
     hub_kwargs = {"revision": revision, "token": token, "cache_dir": cache_dir, "local_files_only": local_files_only}
     saved = _locate_normalizer(source, hub_kwargs)
-    core, normalizer = core_model(model), find_normalizer(model)
+    core, normalizer = unwrap_model(model), find_normalizer(model)
     objective = core.config.objective
     if saved.objective != objective:
-        raise ValueError(f"the normaliser in {source} was trained for objective={saved.objective!r}, but this model "
-                         f"uses objective={objective!r}: a normaliser only carries over within one objective")
+        raise ValueError(f"the normalizer in {source} was trained for objective={saved.objective!r}, but this model "
+                         f"uses objective={objective!r}: a normalizer only carries over within one objective")
     tensors: dict[str, torch.Tensor] = {}
     for path in saved.weight_files:
         with safe_open(str(path), framework="pt") as f:
@@ -440,34 +423,32 @@ def load_normalizer(model: torch.nn.Module, source: str | os.PathLike, *, revisi
     problems += [f"{name}: saved {tuple(tensors[name].shape)}, model {tuple(value.shape)}"
                  for name, value in expected.items() if name in tensors and tensors[name].shape != value.shape]
     if problems:
-        mine = estimator_fields(core.config)
+        mine = estimator_config(core.config)
         hints = {k: (v, mine.get(k)) for k, v in saved.estimator_config.items() if mine.get(k) != v}
-        raise ValueError(f"the normaliser in {source} does not fit this model ({'; '.join(problems[:8])}); "
+        raise ValueError(f"the normalizer in {source} does not fit this model ({'; '.join(problems[:8])}); "
                          f"estimator fields that differ (saved, model): {hints or 'none'}")
     normalizer.load_state_dict(tensors, strict=True)
     normalizer.reset_optimizer_state()  # optimizer statistics belong to the replaced state
-    mine = estimator_fields(core.config)
+    mine = estimator_config(core.config)
     differences = {k: (v, mine.get(k)) for k, v in saved.estimator_config.items() if mine.get(k) != v}
     if differences:
-        logger.warning(f"normaliser from {source}: estimator fields differ from this model's, which are kept: "
+        logger.warning(f"normalizer from {source}: estimator fields differ from this model's, which are kept: "
                        f"{differences}")
-    logger.info(f"normaliser warm-started from {source} ({len(tensors)} tensors)")
+    logger.info(f"normalizer warm-started from {source} ({len(tensors)} tensors)")
     return {"source": source, "objective": objective, "tensors": len(tensors), "differences": differences}
 
 
 def push_normalizer(model: torch.nn.Module, repo_id: str, *, token: str | None = None, private: bool | None = None,
-                    revision: str | None = None, commit_message: str = "Upload NeuCLIP normaliser",
+                    revision: str | None = None, commit_message: str = "Upload NeuCLIP normalizer",
                     retry: RetryPolicy | None = None, api: HfApi | None = None, **card_kwargs):
-    """Push only the normaliser (weights, description and a short card) to `repo_id`.
+    """Push only the normalizer (weights, description and a short card) to `repo_id`.
 
     Args:
-        model: The NeuCLIPModel (optionally wrapped) whose normaliser is pushed.
+        model: The NeuCLIPModel (optionally wrapped) whose normalizer is pushed.
         repo_id: `namespace/name` on the Hub.
         token, private, revision, commit_message, retry, api: As in `upload_folder`.
         **card_kwargs: Passed to `model_card.build_normalizer_card` (e.g. `source_model`, `license`).
     """
-    from .model_card import build_normalizer_card
-
     with tempfile.TemporaryDirectory(prefix="neuclip-normalizer-") as staging:
         save_normalizer(model, staging)
         build_normalizer_card(model, repo_id=repo_id, **card_kwargs).save(Path(staging) / "README.md")
@@ -476,18 +457,13 @@ def push_normalizer(model: torch.nn.Module, repo_id: str, *, token: str | None =
 
 
 # -- full models and adapters -----------------------------------------------------------------------------------
-def is_peft_model(model: torch.nn.Module) -> bool:
-    """Whether `model` (or the module inside DDP) is a PEFT wrapper."""
-    return hasattr(getattr(model, "module", model), "peft_config")
-
-
 def save_for_hub(model: torch.nn.Module, directory: str | os.PathLike, processor=None) -> None:
-    """Write what a repository holds: full weights + config + model code, or (PEFT) adapter + normaliser; then the
+    """Write what a repository holds: full weights + config + model code, or (PEFT) adapter + normalizer; then the
     processor and tokenizer."""
     model = getattr(model, "module", model)
     model.save_pretrained(directory)  # NeuCLIPModel: config, model.safetensors, code; PEFT: adapter files
     if is_peft_model(model):
-        save_normalizer(model, directory)  # the adapter leaves the normaliser out (see neuclip_hf.lora)
+        save_normalizer(model, directory)  # the adapter leaves the normalizer out (see neuclip_hf.lora)
     if processor is not None:
         processor.save_pretrained(directory)
 
@@ -496,8 +472,8 @@ def push_to_hub(model: torch.nn.Module, repo_id: str, processor=None, *, card: M
                 token: str | None = None, private: bool | None = None, revision: str | None = None,
                 commit_message: str = "Upload NeuCLIP model", retry: RetryPolicy | None = None,
                 api: HfApi | None = None, **card_kwargs):
-    """Push a trained model to the Hub: weights (encoders + normaliser) as safetensors, config, model code,
-    processor and tokenizer, and a model card. A PEFT model pushes its adapter and the normaliser.
+    """Push a trained model to the Hub: weights (encoders + normalizer) as safetensors, config, model code,
+    processor and tokenizer, and a model card. A PEFT model pushes its adapter and the normalizer.
 
     The files are staged in a temporary folder, so nothing local is modified.
 
@@ -513,22 +489,12 @@ def push_to_hub(model: torch.nn.Module, repo_id: str, processor=None, *, card: M
     Returns:
         The `CommitInfo` of the upload.
     """
-    from .model_card import build_model_card
-
     with tempfile.TemporaryDirectory(prefix="neuclip-push-") as staging:
         save_for_hub(model, staging, processor)
         card = card or build_model_card(model, repo_id=repo_id, **card_kwargs)
         card.save(Path(staging) / "README.md")
         return upload_folder(staging, repo_id, token=token, private=private, revision=revision,
                              commit_message=commit_message, retry=retry, api=api)
-
-
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def looks_like_hub_id(name: str | None) -> bool:
-    """True for `namespace/name` strings that are not an existing local path."""
-    return bool(name) and _HUB_ID.match(str(name)) is not None and not Path(str(name)).exists()
 
 
 __all__ = [

@@ -1,22 +1,22 @@
-"""LoRA through peft: adapters on the encoders' attention projections, the normaliser trained in full.
+"""LoRA through peft: adapters on the encoders' attention projections, the normalizer trained in full.
 
-Why the normaliser is not a peft `modules_to_save` module: peft wraps such a module in a `ModulesToSaveWrapper`
+Why the normalizer is not a peft `modules_to_save` module: peft wraps such a module in a `ModulesToSaveWrapper`
 whose own methods shadow the wrapped module's (`update` among them, which the estimator contract uses), keeps a
-frozen duplicate of it, and would hand the normaliser's optimizer a different module than the one the forward uses.
-Instead the normaliser stays a plain sub-module of the base model: after `get_peft_model` has frozen the base
-weights, `apply_lora` makes the normaliser's parameters trainable again (exactly those that were trainable before,
+frozen duplicate of it, and would hand the normalizer's optimizer a different module than the one the forward uses.
+Instead the normalizer stays a plain sub-module of the base model: after `get_peft_model` has frozen the base
+weights, `apply_lora` makes the normalizer's parameters trainable again (exactly those that were trainable before,
 so AmorLIP's EMA and previous-epoch networks stay frozen). Its own optimizer, update rule, counters and
 `ddp_ignored_state_names` (re-prefixed for the wrapper) keep working unchanged, and it is saved next to the adapter
 as `normalizer.safetensors` + `normalizer_config.json` (the format of `neuclip_hf.hub.save_normalizer`), both by
 `save_lora` and in every trainer checkpoint.
 
-The temperature (`logit_scale`) stays frozen under LoRA: an adapter plus the normaliser then describe the trained
+The temperature (`logit_scale`) stays frozen under LoRA: an adapter plus the normalizer then describe the trained
 state completely, and the base checkpoint's temperature is kept.
 
 Example:
     ```python
     >>> model = apply_lora(NeuCLIPModel.from_clip_pretrained("openai/clip-vit-base-patch32"), r=16)
-    >>> ...  # train with NeuCLIPTrainer; trainer.save_model(dir) writes the adapter and the normaliser
+    >>> ...  # train with NeuCLIPTrainer; trainer.save_model(dir) writes the adapter and the normalizer
     >>> merged = merge_lora(load_lora(dir))  # a full NeuCLIPModel with the adapter merged in
     ```
 """
@@ -30,12 +30,13 @@ from pathlib import Path
 
 import torch
 
-from .hub import NORMALIZER_CONFIG_NAME, core_model, fetch_repo_file, load_normalizer, save_normalizer
+from .hub import NORMALIZER_CONFIG_NAME, fetch_repo_file, load_normalizer, save_normalizer
+from .modeling_neuclip import NeuCLIPModel, unwrap_model
 from .normalizers import find_normalizer
 
 DEFAULT_TARGET_MODULES = ("q_proj", "v_proj")
-TOWERS = ("text_model", "vision_model")  # LoRA goes into both encoders, never into the normaliser
-_TRAINABLE_ATTRIBUTE = "_neuclip_trainable_names"  # remembered on the normaliser: which parameters it trains
+TOWERS = ("text_model", "vision_model")  # LoRA goes into both encoders, never into the normalizer
+_TRAINABLE_ATTRIBUTE = "_neuclip_trainable_names"  # remembered on the normalizer: which parameters it trains
 
 
 def lora_config(r: int = 16, alpha: float = 32.0,
@@ -56,13 +57,13 @@ def lora_config(r: int = 16, alpha: float = 32.0,
     names = [n for n in names if n]
     if not names:
         raise ValueError("lora target_modules is empty")
-    # A full-match regex over module paths: only modules of the two towers, whatever the normaliser contains.
+    # A full-match regex over module paths: only modules of the two towers, whatever the normalizer contains.
     pattern = rf"^({'|'.join(TOWERS)})\..*\.({'|'.join(re.escape(n) for n in names)})$"
     return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=pattern, bias="none")
 
 
 def _remember_trainable(model: torch.nn.Module) -> None:
-    """Record which normaliser parameters train (before peft freezes everything)."""
+    """Record which normalizer parameters train (before peft freezes everything)."""
     normalizer = find_normalizer(model)
     if not hasattr(normalizer, _TRAINABLE_ATTRIBUTE):
         names = frozenset(name for name, p in normalizer.named_parameters() if p.requires_grad)
@@ -70,39 +71,39 @@ def _remember_trainable(model: torch.nn.Module) -> None:
 
 
 def keep_normalizer_trainable(model: torch.nn.Module) -> None:
-    """Give the normaliser of a PEFT-wrapped model back its trainable parameters and name its state for DDP.
+    """Give the normalizer of a PEFT-wrapped model back its trainable parameters and name its state for DDP.
 
     Idempotent; call after anything that re-freezes the base model (wrapping, loading an adapter).
     """
     normalizer = find_normalizer(model)
     trainable = getattr(normalizer, _TRAINABLE_ATTRIBUTE, None)
     if trainable is None:
-        raise ValueError("the normaliser's trainable parameters were not recorded; wrap the model with apply_lora")
+        raise ValueError("the normalizer's trainable parameters were not recorded; wrap the model with apply_lora")
     for name, parameter in normalizer.named_parameters():
         parameter.requires_grad_(name in trainable)
     # DDP reads this list from the module it wraps (the PeftModel), by that module's parameter names.
     prefix = next(name for name, module in model.named_modules() if module is normalizer) + "."
-    model._ddp_params_and_buffers_to_ignore = core_model(model).ddp_ignored_state_names(prefix=prefix)
+    model._ddp_params_and_buffers_to_ignore = unwrap_model(model).ddp_ignored_state_names(prefix=prefix)
 
 
 def check_lora_model(model: torch.nn.Module) -> None:
-    """Refuse PEFT models whose normaliser cannot train as neuclip_hf needs (explains how to wrap instead).
+    """Refuse PEFT models whose normalizer cannot train as neuclip_hf needs (explains how to wrap instead).
 
     Raises:
-        TypeError: the normaliser is wrapped by peft's `modules_to_save`, or it was frozen by `get_peft_model`.
+        TypeError: the normalizer is wrapped by peft's `modules_to_save`, or it was frozen by `get_peft_model`.
     """
-    core = core_model(model)
+    core = unwrap_model(model)
     if type(core.normalizer).__name__ == "ModulesToSaveWrapper":
-        raise TypeError("the normaliser is a peft modules_to_save module, whose wrapper shadows the estimator's "
+        raise TypeError("the normalizer is a peft modules_to_save module, whose wrapper shadows the estimator's "
                         "methods; wrap the model with neuclip_hf.lora.apply_lora instead")
     if not hasattr(find_normalizer(model), _TRAINABLE_ATTRIBUTE):
-        raise TypeError("get_peft_model froze the normaliser; wrap the model with neuclip_hf.lora.apply_lora (or "
-                        "load it with load_lora(..., is_trainable=True)) so that the normaliser keeps training")
+        raise TypeError("get_peft_model froze the normalizer; wrap the model with neuclip_hf.lora.apply_lora (or "
+                        "load it with load_lora(..., is_trainable=True)) so that the normalizer keeps training")
 
 
 def apply_lora(model: torch.nn.Module, r: int = 16, alpha: float = 32.0,
                target_modules: str | tuple[str, ...] | list[str] = DEFAULT_TARGET_MODULES, dropout: float = 0.0):
-    """Wrap a NeuCLIPModel for LoRA training: adapters on `target_modules` of both towers, normaliser in full.
+    """Wrap a NeuCLIPModel for LoRA training: adapters on `target_modules` of both towers, normalizer in full.
 
     Args:
         model: A NeuCLIPModel (e.g. `NeuCLIPModel.from_clip_pretrained(...)`).
@@ -132,7 +133,7 @@ def lora_summary(model: torch.nn.Module) -> dict | None:
 
 
 def save_lora(model: torch.nn.Module, directory: str | os.PathLike) -> None:
-    """Write the adapter (`adapter_config.json`, `adapter_model.safetensors`) and the normaliser."""
+    """Write the adapter (`adapter_config.json`, `adapter_model.safetensors`) and the normalizer."""
     model = getattr(model, "module", model)
     model.save_pretrained(directory)
     save_normalizer(model, directory)
@@ -143,19 +144,17 @@ def load_lora(source: str | os.PathLike, base_model: torch.nn.Module | str | Non
     """Load a LoRA adapter saved by `save_lora` / `NeuCLIPTrainer` (a directory or Hub repository).
 
     Args:
-        source: Holds `adapter_config.json`, `adapter_model.safetensors` and, normally, the normaliser files.
+        source: Holds `adapter_config.json`, `adapter_model.safetensors` and, normally, the normalizer files.
         base_model: The model the adapter was trained on: a NeuCLIPModel, or a CLIP / NeuCLIP checkpoint
             (default: `base_model_name_or_path` of the adapter config), built with the saved objective and
             estimator fields.
-        is_trainable: Keep training it (adapter and normaliser trainable) rather than inference.
+        is_trainable: Keep training it (adapter and normalizer trainable) rather than inference.
         **hub_kwargs: `revision`, `token`, `cache_dir`, `local_files_only` for Hub sources.
 
     Returns:
-        The `peft.PeftModel` with the adapter and the saved normaliser.
+        The `peft.PeftModel` with the adapter and the saved normalizer.
     """
     from peft import PeftConfig, PeftModel
-
-    from .modeling_neuclip import NeuCLIPModel
 
     source = str(source)
     if base_model is None or isinstance(base_model, (str, Path)):
@@ -163,7 +162,7 @@ def load_lora(source: str | os.PathLike, base_model: torch.nn.Module | str | Non
             .base_model_name_or_path
         description = fetch_repo_file(source, NORMALIZER_CONFIG_NAME, hub_kwargs)
         overrides = {}
-        if description is not None:  # rebuild the base with the normaliser the adapter was trained with
+        if description is not None:  # rebuild the base with the normalizer the adapter was trained with
             saved = json.loads(description.read_text())
             overrides = {"objective": saved["objective"], **saved.get("estimator_config", {})}
         base_model = NeuCLIPModel.from_clip_pretrained(path, **overrides)
@@ -177,13 +176,13 @@ def load_lora(source: str | os.PathLike, base_model: torch.nn.Module | str | Non
 
 
 def merge_lora(model: torch.nn.Module):
-    """Merge the adapter into the encoder weights: a plain NeuCLIPModel with the trained normaliser.
+    """Merge the adapter into the encoder weights: a plain NeuCLIPModel with the trained normalizer.
 
     Args:
         model: A LoRA-wrapped NeuCLIPModel (`apply_lora` / `load_lora`).
 
     Returns:
-        The NeuCLIPModel; every encoder weight and the temperature are trainable again, the normaliser keeps its own
+        The NeuCLIPModel; every encoder weight and the temperature are trainable again, the normalizer keeps its own
         trainable set (AmorLIP's EMA and previous-epoch networks stay frozen).
     """
     model = getattr(model, "module", model)

@@ -1,4 +1,4 @@
-"""Model cards for pushed models, adapters and normalisers, rendered from the templates in `model_cards/`.
+"""Model cards for pushed models, adapters and normalizers, rendered from the templates in `model_cards/`.
 
 The cards carry the training setup (objective, estimator hyper-parameters, data, steps, global batch, hardware),
 the in-training zero-shot results as `model-index` metadata, intended uses and limitations, and citations. They are
@@ -9,6 +9,7 @@ up in them.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,8 @@ from typing import Any
 import torch
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from .modeling_neuclip import is_peft_model, unwrap_model
+from .normalizers import NORMALIZERS, estimator_config, find_normalizer
 from .version import __version__
 
 TEMPLATES = Path(__file__).parent / "model_cards"
@@ -24,63 +27,21 @@ NORMALIZER_TEMPLATE = TEMPLATES / "normalizer_card.md"
 DEFAULT_LICENSE = "apache-2.0"
 SMALL_MODEL_PARAMETERS = 50_000_000  # below this the card says the model is a demonstration
 
-OBJECTIVES = {
-    "neuclip": ("NeuCLIP", "The per-anchor log-normaliser of the global contrastive loss is rewritten by convex "
-                "conjugation as a minimisation over a log-normaliser variable, which a compact prototype network "
-                "predicts; network and encoders are optimised alternately (Wei, Lin and Yang, ICLR 2026)."),
-    "amorlip": ("AmorLIP", "Small per-modality MLPs amortise each anchor's partition function; they regress "
-                "(blended) in-batch log-partition targets and the encoders divide by their estimate (Sun et al., "
-                "NeurIPS 2025)."),
-    "fastclip": ("FastCLIP-v3", "A moving average per training sample estimates its normaliser in the global "
-                 "contrastive loss (Wei et al., 2024)."),
-    "siglip": ("SigLIP", "A pairwise sigmoid loss with a learned logit bias replaces the softmax normaliser (Zhai et "
-               "al., ICCV 2023)."),
-    "clip": ("CLIP", "The symmetric InfoNCE loss normalised over the mini-batch (Radford et al., ICML 2021)."),
-}
+# The papers the package implements, cited on every card besides the trained method's own.
+PACKAGE_METHODS = ("neuclip", "amorlip", "clip")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
-CITATIONS = {
-    "neuclip": """@inproceedings{wei2026neuclip,
-  title         = {NeuCLIP: Efficient Large-Scale CLIP Training with Neural Normalizer Optimization},
-  author        = {Wei, Xiyuan and Lin, Chih-Jen and Yang, Tianbao},
-  booktitle     = {International Conference on Learning Representations (ICLR)},
-  year          = {2026},
-  eprint        = {2511.08417},
-  archivePrefix = {arXiv}
-}""",
-    "amorlip": """@inproceedings{sun2025amorlip,
-  title         = {AmorLIP: Efficient Language-Image Pretraining via Amortization},
-  author        = {Sun, Haotian and Li, Yitong and Zhuang, Yuchen and He, Niao and Dai, Hanjun and Dai, Bo},
-  booktitle     = {Advances in Neural Information Processing Systems (NeurIPS)},
-  year          = {2025},
-  eprint        = {2505.18983},
-  archivePrefix = {arXiv}
-}""",
-    "fastclip": """@article{wei2024fastclip,
-  title   = {FastCLIP: A Suite of Optimization Techniques to Accelerate CLIP Training with Limited Resources},
-  author  = {Wei, Xiyuan and Ye, Fanjiang and Yonay, Ori and Chen, Xingyu and Sun, Baixi and Tao, Dingwen and
-             Yang, Tianbao},
-  journal = {arXiv preprint arXiv:2407.01445},
-  year    = {2024}
-}""",
-    "siglip": """@inproceedings{zhai2023siglip,
-  title         = {Sigmoid Loss for Language Image Pre-Training},
-  author        = {Zhai, Xiaohua and Mustafa, Basil and Kolesnikov, Alexander and Beyer, Lucas},
-  booktitle     = {IEEE/CVF International Conference on Computer Vision (ICCV)},
-  year          = {2023},
-  eprint        = {2303.15343},
-  archivePrefix = {arXiv}
-}""",
-    "clip": """@inproceedings{radford2021clip,
-  title         = {Learning Transferable Visual Models From Natural Language Supervision},
-  author        = {Radford, Alec and Kim, Jong Wook and Hallacy, Chris and Ramesh, Aditya and Goh, Gabriel and
-                   Agarwal, Sandhini and Sastry, Girish and Askell, Amanda and Mishkin, Pamela and Clark, Jack and
-                   Krueger, Gretchen and Sutskever, Ilya},
-  booktitle     = {International Conference on Machine Learning (ICML)},
-  year          = {2021},
-  eprint        = {2103.00020},
-  archivePrefix = {arXiv}
-}""",
-}
+
+def looks_like_hub_id(name: str | None) -> bool:
+    """True for `namespace/name` strings that are not an existing local path."""
+    return bool(name) and _HUB_ID.match(str(name)) is not None and not Path(str(name)).exists()
+
+
+def describe_method(objective: str) -> tuple[str, str]:
+    """(title, one-paragraph summary) of a method, from its registered normalizer class."""
+    method = NORMALIZERS.get(objective)
+    return (method.title or objective, method.summary) if method is not None else (objective, "")
+
 
 # Metrics of `ZeroShotEvaluator` that go into `model-index`: name -> (task type, metric type, pretty name).
 CLASSIFICATION_METRICS = {
@@ -102,7 +63,7 @@ class TrainingSummary:
         per_device_batch_size: Pairs per process and step.
         num_processes: Data-parallel processes.
         learning_rate: Peak encoder learning rate.
-        normalizer_learning_rate: The normaliser optimizer's learning rate (None: the config's).
+        normalizer_learning_rate: The normalizer optimizer's learning rate (None: the config's).
         precision: `fp32`, `bf16` or `fp16`.
         hardware: E.g. `8 x NVIDIA H100 80GB HBM3`.
         training_seconds: Wall-clock training time.
@@ -147,7 +108,7 @@ class TrainingSummary:
             hardware=describe_hardware(args.device, trainer.accelerator.num_processes),
             training_seconds=runtime[-1] if runtime else None,
             finetuned_from=finetuned_from,
-            final_temperature=trainer.core_model.temperature,
+            final_temperature=unwrap_model(trainer.model).temperature,
             lora=lora,
         )
 
@@ -229,14 +190,12 @@ def _tower(config, vision: bool) -> str:
 
 def _citations(objective: str) -> str:
     """NeuCLIP, AmorLIP and CLIP always (the package implements them), plus the objective's own paper."""
-    keys = ["neuclip", "amorlip", "clip"] + ([objective] if objective in ("fastclip", "siglip") else [])
-    return "\n\n".join(CITATIONS[key] for key in keys)
+    keys = [*PACKAGE_METHODS, *([objective] if objective not in PACKAGE_METHODS else [])]
+    return "\n\n".join(NORMALIZERS[key].citation for key in keys if key in NORMALIZERS and NORMALIZERS[key].citation)
 
 
 def _hyperparameters(config) -> list[tuple[str, str]]:
-    from .hub import estimator_fields
-
-    rows = [(name, _format(value)) for name, value in estimator_fields(config).items()]
+    rows = [(name, _format(value)) for name, value in estimator_config(config).items()]
     rows += [("rho", _format(config.rho)), ("temperature_init", _format(config.temperature_init)),
              ("temperature_min", _format(config.temperature_min))]
     return rows
@@ -260,13 +219,11 @@ def build_model_card(model: torch.nn.Module, *, repo_id: str, training: Training
         language: Language(s) of the text encoder's training data.
         model_name: Title of the card (default: the repository name).
     """
-    from .hub import core_model, is_peft_model, looks_like_hub_id
-
     training = training or TrainingSummary()
-    core = core_model(model)
+    core = unwrap_model(model)
     config = core.config
     objective = config.objective
-    title, description = OBJECTIVES.get(objective, (objective, ""))
+    title, description = describe_method(objective)
     model_name = model_name or repo_id.split("/")[-1]
     adapter = is_peft_model(model)
     latest, best, step, best_step, best_metric = _unpack_eval(eval_results)
@@ -291,7 +248,7 @@ def build_model_card(model: torch.nn.Module, *, repo_id: str, training: Training
         ("per-device batch x processes",
          f"{_format(training.per_device_batch_size)} x {_format(training.num_processes)}"),
         ("encoder peak learning rate", _format(training.learning_rate)),
-        ("normaliser learning rate", _format(training.normalizer_learning_rate) if training.normalizer_learning_rate
+        ("normalizer learning rate", _format(training.normalizer_learning_rate) if training.normalizer_learning_rate
          is not None else "the config's"),
         ("precision", training.precision or "not recorded"),
         ("hardware", training.hardware or "not recorded"),
@@ -316,12 +273,9 @@ def build_model_card(model: torch.nn.Module, *, repo_id: str, training: Training
 
 def build_normalizer_card(model: torch.nn.Module, *, repo_id: str, source_model: str | None = None,
                           license: str = DEFAULT_LICENSE, tags: list[str] | None = None) -> ModelCard:
-    """The card of a normaliser-only repository (`neuclip_hf.hub.push_normalizer`)."""
-    from .hub import core_model, looks_like_hub_id
-    from .normalizers import find_normalizer
-
-    config = core_model(model).config
-    title, description = OBJECTIVES.get(config.objective, (config.objective, ""))
+    """The card of a normalizer-only repository (`neuclip_hf.hub.push_normalizer`)."""
+    config = unwrap_model(model).config
+    title, description = describe_method(config.objective)
     card_tags = ["neuclip_hf", "normalizer", config.objective] + list(tags or [])
     data = ModelCardData(license=license, library_name="neuclip_hf", tags=card_tags,
                          base_model=source_model if looks_like_hub_id(source_model) else None)
@@ -333,4 +287,12 @@ def build_normalizer_card(model: torch.nn.Module, *, repo_id: str, source_model:
     )
 
 
-__all__ = ["TrainingSummary", "build_model_card", "build_normalizer_card", "describe_hardware", "model_index"]
+__all__ = [
+    "TrainingSummary",
+    "build_model_card",
+    "build_normalizer_card",
+    "describe_hardware",
+    "describe_method",
+    "looks_like_hub_id",
+    "model_index",
+]

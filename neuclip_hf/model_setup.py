@@ -33,7 +33,7 @@ def build_model(model_args: ModelArguments, **extra_overrides) -> NeuCLIPModel:
     """
     overrides = {**parse_overrides(model_args.config_overrides), **extra_overrides, "objective": model_args.objective}
     if model_args.init_from:
-        logger.info(f"Continued pretraining from {model_args.init_from}: encoders loaded, normaliser new")
+        logger.info(f"Continued pretraining from {model_args.init_from}: encoders loaded, normalizer new")
         model = NeuCLIPModel.from_clip_pretrained(model_args.init_from, **overrides)
     else:
         model = NeuCLIPModel(model_config(model_args.model_preset, **overrides))
@@ -46,7 +46,7 @@ def maybe_apply_lora(model: NeuCLIPModel, lora_args: LoraArguments):
     """The model wrapped for LoRA training when `--lora_r` > 0 (see `neuclip_hf.lora`), else the model itself."""
     if lora_args.lora_r <= 0:
         return model
-    logger.info(f"LoRA r={lora_args.lora_r} on {lora_args.lora_target_modules} of both towers; normaliser in full")
+    logger.info(f"LoRA r={lora_args.lora_r} on {lora_args.lora_target_modules} of both towers; normalizer in full")
     return apply_lora(model, r=lora_args.lora_r, alpha=lora_args.lora_alpha,
                       target_modules=lora_args.lora_target_modules, dropout=lora_args.lora_dropout)
 

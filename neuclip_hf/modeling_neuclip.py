@@ -1,8 +1,8 @@
-"""NeuCLIPModel: Hugging Face `CLIPModel` encoders plus a normaliser estimator under `normalizer.*`.
+"""NeuCLIPModel: Hugging Face `CLIPModel` encoders plus a normalizer estimator under `normalizer.*`.
 
 The parameter names are exactly CLIPModel's plus `normalizer.*`, so a NeuCLIP checkpoint loads as a plain
-`CLIPModel` (the normaliser keys are ignored) and any CLIP checkpoint loads as a NeuCLIP model with only the
-normaliser new (`NeuCLIPModel.from_clip_pretrained`).
+`CLIPModel` (the normalizer keys are ignored) and any CLIP checkpoint loads as a NeuCLIP model with only the
+normalizer new (`NeuCLIPModel.from_clip_pretrained`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from transformers.models.clip.modeling_clip import CLIPOutput
 from transformers.utils import can_return_tuple
 
 from .configuration_neuclip import NeuCLIPConfig
-from .normalizers import Normalizer, NormalizerEstimator, build_normalizer
+from .normalizers import Normalizer, build_normalizer
 from .objectives import ContrastiveBatch, NormalizerInputs, full_precision
 
 # Keyword arguments of `from_clip_pretrained` that go to `from_pretrained`, not into the config.
@@ -49,8 +49,27 @@ def _pooled(output) -> torch.Tensor:
     return output if torch.is_tensor(output) else output.pooler_output
 
 
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside DDP / FSDP (`.module`), `torch.compile` (`._orig_mod`) and PEFT (`get_base_model()`)
+    wrappers: the NeuCLIPModel whose config and normalizer the training code reads."""
+    while True:
+        if hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+        elif isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
+            model = model._orig_mod
+        elif isinstance(getattr(model, "module", None), torch.nn.Module):
+            model = model.module
+        else:
+            return model
+
+
+def is_peft_model(model: torch.nn.Module) -> bool:
+    """Whether `model` (or the module inside DDP) is a PEFT wrapper."""
+    return hasattr(getattr(model, "module", model), "peft_config")
+
+
 class NeuCLIPModel(CLIPModel):
-    """CLIP encoders trained with a normaliser estimator (`config.objective`).
+    """CLIP encoders trained with a normalizer estimator (`config.objective`).
 
     Example:
         ```python
@@ -73,11 +92,10 @@ class NeuCLIPModel(CLIPModel):
                 f"NeuCLIPModel needs a NeuCLIPConfig, got {type(config).__name__}; "
                 "use NeuCLIPConfig.from_clip_config(config) or NeuCLIPModel.from_clip_pretrained(...)"
             )
-        config.validate_neuclip()
-        super().__init__(config)  # CLIPModel.__init__ builds the encoders and calls post_init() (below)
+        super().__init__(config)  # builds the encoders and calls post_init() (below); the config validated itself
 
     def post_init(self):
-        # CLIPModel.__init__ ends with post_init(); adding the normaliser here, just before weights are
+        # CLIPModel.__init__ ends with post_init(); adding the normalizer here, just before weights are
         # initialised, builds it exactly once without re-running the encoders' initialisation.
         if not hasattr(self, "normalizer"):
             self.normalizer: Normalizer = build_normalizer(self.config)
@@ -97,7 +115,7 @@ class NeuCLIPModel(CLIPModel):
     def ddp_ignored_state_names(self, prefix: str = "normalizer.") -> list[str]:
         """Names DDP must neither all-reduce nor broadcast: the estimator's own parameters and buffers.
 
-        Every rank updates them identically from the gathered batch with the normaliser's own optimizer;
+        Every rank updates them identically from the gathered batch with the normalizer's own optimizer;
         parameters trained with the encoders (SigLIP's bias) stay under DDP.
         """
         encoder_side = self.normalizer.encoder_parameter_names()
@@ -157,11 +175,11 @@ class NeuCLIPModel(CLIPModel):
         rho = self.config.rho if rho is None else rho
         with full_precision(image_embeds.device):
             batch = ContrastiveBatch.gather(image_embeds, text_embeds, self.logit_scale, sample_ids)
-            needs_inputs = normalizer.needs_statistics or update_normalizer
-            inputs = NormalizerInputs.from_batch(batch, self.config.eps) if needs_inputs else None
+            # The B x B batch statistics only for methods that read them (not clip / siglip).
+            inputs = NormalizerInputs.from_batch(batch, self.config.eps) if normalizer.needs_statistics else None
             diagnostics = None
             if update_normalizer:
-                if inputs.is_finite():
+                if inputs is None or inputs.is_finite():
                     diagnostics = normalizer.update(inputs)
                 else:  # a non-finite batch must not reach the estimator's state; the loss will be non-finite too
                     diagnostics = {"skipped_nonfinite_batch": torch.tensor(1.0)}
@@ -234,7 +252,7 @@ class NeuCLIPModel(CLIPModel):
 
     @classmethod
     def from_clip_pretrained(cls, pretrained_model_name_or_path, **overrides) -> "NeuCLIPModel":
-        """Build a NeuCLIP model from any `CLIPModel` checkpoint: encoders loaded, only the normaliser new.
+        """Build a NeuCLIP model from any `CLIPModel` checkpoint: encoders loaded, only the normalizer new.
 
         Args:
             pretrained_model_name_or_path: A local directory or Hub id in `CLIPModel` layout
@@ -250,4 +268,4 @@ class NeuCLIPModel(CLIPModel):
         return cls.from_pretrained(pretrained_model_name_or_path, config=config, **load_kwargs)
 
 
-__all__ = ["NeuCLIPModel", "NeuCLIPOutput", "NormalizerEstimator"]
+__all__ = ["NeuCLIPModel", "NeuCLIPOutput", "is_peft_model", "unwrap_model"]

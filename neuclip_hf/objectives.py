@@ -1,9 +1,9 @@
-"""Contrastive objectives as pure functions of embeddings, temperature and (detached) normaliser estimates.
+"""Contrastive objectives as pure functions of embeddings, temperature and (detached) normalizer estimates.
 
-Notation (ALGORITHMS.md): e1 image and e2 text embeddings (L2-normalised), s_ij = e1_i . e2_j, temperature
+Notation (docs/algorithms.md): e1 image and e2 text embeddings (L2-normalised), s_ij = e1_i . e2_j, temperature
 T = exp(-logit_scale). For anchor i the differences d_ij = (s_ij - s_ii) / T define
 
-    ghat_i = mean_{j != i} exp(d_ij)            (in-batch estimate of the dataset-wide normaliser g_i)
+    ghat_i = mean_{j != i} exp(d_ij)            (in-batch estimate of the dataset-wide normalizer g_i)
 
 and the global contrastive objective (FastCLIP-v3 RGCL-g) is T * mean_i [log(eps + g1_i) + log(eps + g2_i)] + 2 rho T.
 An estimator supplies alpha_i ~ log(eps + g_i); the encoders then minimise the *unified* objective of NeuCLIP,
@@ -12,6 +12,10 @@ An estimator supplies alpha_i ~ log(eps + g_i); the encoders then minimise the *
 
 which is linear in ghat (so mini-batch gradients are unbiased) and an upper bound of RGCL-g, tight at
 alpha = log(eps + ghat). Every exponential is evaluated in log space and in fp32, also under autocast.
+
+This module holds only what several methods share: the batch views (`ContrastiveBatch`, `NormalizerInputs`), the
+in-batch log-normalizer pair, and the unified / global objectives used by every estimator. Each method's own
+loss lives in its `normalizer_<name>.py`.
 """
 
 from __future__ import annotations
@@ -50,6 +54,29 @@ def log_mean_exp_negatives(logits: torch.Tensor, positive_index: torch.Tensor) -
 def log_eps_plus(log_x: torch.Tensor, eps: float) -> torch.Tensor:
     """log(eps + x) from log(x), without leaving log space."""
     return torch.logaddexp(log_x, torch.full_like(log_x, math.log(eps)))
+
+
+def in_batch_log_normalizers(
+    image_to_text: torch.Tensor,
+    text_to_image: torch.Tensor,
+    positive: torch.Tensor,
+    positive_index: torch.Tensor,
+    temperature: torch.Tensor,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """log(eps + ghat1_i) and log(eps + ghat2_i) of each anchor row against the batch's columns.
+
+    Args:
+        image_to_text: (rows, B) cosines of image anchors with every text; `text_to_image` likewise.
+        positive: (rows,) positive cosines s_ii.
+        positive_index: (rows,) column of each row's positive (excluded from its negatives).
+        temperature: scalar T.
+        eps: The objective's eps.
+    """
+    # d_ij = (s_ij - s_ii) / T: each negative's logit relative to the anchor's positive.
+    log_g_image = log_mean_exp_negatives((image_to_text - positive[:, None]) / temperature, positive_index)
+    log_g_text = log_mean_exp_negatives((text_to_image - positive[:, None]) / temperature, positive_index)
+    return log_eps_plus(log_g_image, eps), log_eps_plus(log_g_text, eps)
 
 
 @dataclass
@@ -110,6 +137,12 @@ class ContrastiveBatch:
         positive = (self.image * self.text).sum(-1)
         return image_to_text, text_to_image, positive
 
+    def log_normalizers(self, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """log(eps + ghat1_i), log(eps + ghat2_i) of the local anchors against the global batch (with grad)."""
+        image_to_text, text_to_image, positive = self.similarities()
+        return in_batch_log_normalizers(image_to_text, text_to_image, positive, self.positive_index,
+                                        self.temperature, eps)
+
 
 @dataclass
 class NormalizerInputs:
@@ -122,7 +155,6 @@ class NormalizerInputs:
         positive: (B,) positive similarities s_ii.
         log_g_image: (B,) log(eps + ghat1_i), image anchors against the batch's other texts.
         log_g_text: (B,) log(eps + ghat2_i), text anchors against the batch's other images.
-        eps: the objective's eps.
         local: rows of this rank's anchors.
         sample_ids: (B,) global sample ids, or None.
     """
@@ -133,7 +165,6 @@ class NormalizerInputs:
     positive: torch.Tensor
     log_g_image: torch.Tensor
     log_g_text: torch.Tensor
-    eps: float
     local: slice
     sample_ids: torch.Tensor | None = None
 
@@ -153,10 +184,9 @@ class NormalizerInputs:
         sim = image @ text.T
         positive = sim.diagonal()
         index = torch.arange(sim.shape[0], device=sim.device)
-        log_g_image = log_eps_plus(log_mean_exp_negatives((sim - positive[:, None]) / temperature, index), eps)
-        log_g_text = log_eps_plus(log_mean_exp_negatives((sim.T - positive[:, None]) / temperature, index), eps)
+        log_g_image, log_g_text = in_batch_log_normalizers(sim, sim.T, positive, index, temperature, eps)
         local = local if local is not None else slice(0, sim.shape[0])
-        return cls(image, text, temperature, positive, log_g_image, log_g_text, eps, local, sample_ids)
+        return cls(image, text, temperature, positive, log_g_image, log_g_text, local, sample_ids)
 
     @classmethod
     def from_batch(cls, batch: ContrastiveBatch, eps: float) -> "NormalizerInputs":
@@ -174,29 +204,6 @@ class NormalizerInputs:
         )
 
 
-def clip_loss(batch: ContrastiveBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Symmetric InfoNCE (OpenCLIP, HF `clip_loss`): local anchors against the global batch."""
-    image_to_text, text_to_image, _ = batch.similarities()
-    scale = batch.logit_scale.exp()
-    target = batch.positive_index
-    loss_image = F.cross_entropy(scale * image_to_text, target)
-    loss_text = F.cross_entropy(scale * text_to_image, target)
-    loss = (loss_image + loss_text) / 2
-    return loss, {"contrastive": loss.detach(), "image_to_text": loss_image.detach(), "text_to_image": loss_text.detach()}
-
-
-def siglip_loss(batch: ContrastiveBatch, logit_bias: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Pairwise sigmoid loss -(1/B) sum_ij log sigmoid(z_ij (t s_ij + b)), z_ii = 1 and -1 elsewhere.
-
-    Each rank sums the rows of its local images against all texts, so every pair is counted exactly once.
-    """
-    image_to_text, _, _ = batch.similarities()
-    logits = batch.logit_scale.exp() * image_to_text + logit_bias.float()
-    labels = torch.full_like(logits, -1.0).scatter(1, batch.positive_index[:, None], 1.0)
-    loss = -F.logsigmoid(labels * logits).sum(dim=1).mean()
-    return loss, {"sigmoid": loss.detach()}
-
-
 def unified_loss(
     batch: ContrastiveBatch, alpha_image: torch.Tensor, alpha_text: torch.Tensor, eps: float, rho: float
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -211,14 +218,10 @@ def unified_loss(
 
     Returns:
         The loss and its components: the unified value, the in-batch global loss RGCL-g (detached) and their
-        gap, which is >= 0 and vanishes when alpha equals the in-batch log-normaliser.
+        gap, which is >= 0 and vanishes when alpha equals the in-batch log-normalizer.
     """
-    image_to_text, text_to_image, positive = batch.similarities()
     temperature = batch.temperature
-    target = batch.positive_index
-    # log(eps + ghat) with gradient, per direction: d_ij = (s_ij - s_ii) / T.
-    log_g_image = log_eps_plus(log_mean_exp_negatives((image_to_text - positive[:, None]) / temperature, target), eps)
-    log_g_text = log_eps_plus(log_mean_exp_negatives((text_to_image - positive[:, None]) / temperature, target), eps)
+    log_g_image, log_g_text = batch.log_normalizers(eps)  # log(eps + ghat) with gradient, per direction
     alpha_image, alpha_text = alpha_image.detach().float(), alpha_text.detach().float()
     # exp(-alpha) (eps + ghat) + alpha - 1, evaluated as exp(log(eps + ghat) - alpha) to stay in log space.
     term_image = torch.exp(log_g_image - alpha_image) + alpha_image - 1
@@ -236,52 +239,7 @@ def unified_loss(
 
 
 def global_contrastive_loss(batch: ContrastiveBatch, eps: float, rho: float) -> torch.Tensor:
-    """RGCL-g with the in-batch normaliser: T * mean_i [log(eps + ghat1_i) + log(eps + ghat2_i)] + 2 rho T."""
-    image_to_text, text_to_image, positive = batch.similarities()
-    target = batch.positive_index
+    """RGCL-g with the in-batch normalizer: T * mean_i [log(eps + ghat1_i) + log(eps + ghat2_i)] + 2 rho T."""
     temperature = batch.temperature
-    log_g_image = log_eps_plus(log_mean_exp_negatives((image_to_text - positive[:, None]) / temperature, target), eps)
-    log_g_text = log_eps_plus(log_mean_exp_negatives((text_to_image - positive[:, None]) / temperature, target), eps)
+    log_g_image, log_g_text = batch.log_normalizers(eps)
     return temperature * (log_g_image + log_g_text).mean() + 2 * rho * temperature
-
-
-def log_partition_sum(
-    logits: torch.Tensor, positive_index: torch.Tensor, positive_weight: float
-) -> torch.Tensor:
-    """AmorLIP's log Z_i = log(sum_{j != i} exp(logits_ij) + c_pos * exp(logits_ii)), row-wise."""
-    log_weight = math.log(positive_weight) if positive_weight > 0 else float("-inf")
-    positive_logits = logits.gather(1, positive_index[:, None]) + log_weight
-    return torch.logsumexp(logits.scatter(1, positive_index[:, None], positive_logits), dim=1)
-
-
-def amorlip_loss(
-    batch: ContrastiveBatch,
-    log_partition_image: torch.Tensor,
-    log_partition_text: torch.Tensor,
-    positive_weight: float,
-    rho: float,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """AmorLIP's Stage II encoder loss with the partition estimates log Lambda detached.
-
-    Per direction and anchor: -tau s_ii + sum_j w_j exp(tau s_ij - log Lambda_i) (w_i = c_pos, else 1), with
-    tau = 1/T the logit scale. Its gradient equals InfoNCE's when Lambda equals the batch's partition sum. The
-    sum over both directions is rescaled by sg(T) and the temperature penalty 2 rho T is added (AmorLIP writes
-    it as rho_A / tau with rho_A = 2 rho).
-    """
-    image_to_text, text_to_image, positive = batch.similarities()
-    scale = batch.logit_scale.exp()
-    target = batch.positive_index
-    log_z_image = log_partition_sum(scale * image_to_text, target, positive_weight)
-    log_z_text = log_partition_sum(scale * text_to_image, target, positive_weight)
-    term_image = -scale * positive + torch.exp(log_z_image - log_partition_image.detach().float())
-    term_text = -scale * positive + torch.exp(log_z_text - log_partition_text.detach().float())
-    temperature = batch.temperature
-    penalty = 2 * rho * temperature
-    loss = temperature.detach() * (term_image + term_text).mean() + penalty
-    with torch.no_grad():  # in-batch InfoNCE with the same positive weight, for logging
-        info_nce = (log_z_image + log_z_text - 2 * scale * positive).mean() / 2
-    return loss, {
-        "amortized": loss.detach(),
-        "in_batch_info_nce": info_nce,
-        "temperature_penalty": penalty.detach(),
-    }

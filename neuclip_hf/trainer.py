@@ -1,15 +1,15 @@
-"""NeuCLIPTrainer: Hugging Face `Trainer` with the alternating normaliser / encoder updates.
+"""NeuCLIPTrainer: Hugging Face `Trainer` with the alternating normalizer / encoder updates.
 
 Per optimizer step (one DDP forward, one backward):
   1. encoders forward (DDP-wrapped, autocast under bf16/fp16), local embeddings gathered with autograd;
-  2. the normaliser updates its own state from the detached global batch (NeuCLIP: restart rule then T_u AdaGrad
+  2. the normalizer updates its own state from the detached global batch (NeuCLIP: restart rule then T_u AdaGrad
      steps; AmorLIP: its Stage I schedule and EMA; FastCLIP: the table rows of the batch's sample ids) — this runs
-     inside `NeuCLIPModel.forward(update_normalizer=True)` with the normaliser's own optimizer, and is identical on
+     inside `NeuCLIPModel.forward(update_normalizer=True)` with the normalizer's own optimizer, and is identical on
      every rank because every rank sees the same gathered batch;
   3. the encoder loss with the estimate detached, backward, AdamW step on encoders and temperature;
-  4. clamp 1/T <= 100, FastCLIP's temperature learning-rate threshold, the normaliser's scheduler step.
+  4. clamp 1/T <= 100, FastCLIP's temperature learning-rate threshold, the normalizer's scheduler step.
 
-The normaliser's parameters are never in the encoder optimizer, never in the encoder gradient clipping (they never
+The normalizer's parameters are never in the encoder optimizer, never in the encoder gradient clipping (they never
 hold a `.grad`) and never in DDP's gradient averaging (`NeuCLIPModel.ddp_ignored_state_names`).
 """
 
@@ -17,19 +17,21 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback
 from transformers.optimization import get_scheduler
 from transformers.trainer_utils import rotate_checkpoints
 from transformers.utils import logging
 
+from .arguments import NeuCLIPTrainingArguments
 from .checkpointing import resolve_resume_checkpoint, write_marker
 from .distributed import rank_and_world_size
-from .hub import NORMALIZER_WEIGHTS_NAME, RetryPolicy, is_peft_model, load_normalizer, save_normalizer
+from .hub import NORMALIZER_WEIGHTS_NAME, RetryPolicy, load_normalizer, save_normalizer
 from .images import BAD_SAMPLE_REASONS
+from .lora import check_lora_model, keep_normalizer_trainable
+from .modeling_neuclip import is_peft_model, unwrap_model
 from .normalizers import Normalizer, find_normalizer
 from .trainer_hub import HubPushMixin
 
@@ -37,86 +39,6 @@ logger = logging.get_logger(__name__)
 
 NORMALIZER_STATE_NAME = "normalizer_optimizer.pt"
 DATA_STATE_NAME = "data_state_rank{rank}.pt"
-
-
-@dataclass
-class NeuCLIPTrainingArguments(TrainingArguments):
-    """`TrainingArguments` plus what the normaliser methods need; defaults follow the published CLIP recipes.
-
-    Gradient accumulation is refused: the global objectives and the estimators need the whole global batch in one
-    step (their normaliser is a function of the batch), and NeuCLIP's point is to need no huge batch.
-    """
-
-    normalizer_learning_rate: float | None = field(
-        default=None, metadata={"help": "Learning rate of the normaliser's own optimizer (default: the config's)."}
-    )
-    normalizer_lr_scheduler_type: str = field(
-        default="constant", metadata={"help": "Scheduler of the normaliser's optimizer (a transformers scheduler)."}
-    )
-    temperature_learning_rate: float | None = field(
-        default=None,
-        metadata={"help": "Own constant learning rate of the temperature (FastCLIP: 1e-4 to 2e-4); None: the encoder "
-                          "schedule, as OpenCLIP does."},
-    )
-    temperature_lr_threshold: float = field(
-        default=0.03, metadata={"help": "FastCLIP's rule: multiply the temperature lr by the factor once T <= this."}
-    )
-    temperature_lr_factor: float = field(default=1 / 3, metadata={"help": "See temperature_lr_threshold."})
-    rho_schedule: list[float] | None = field(
-        default=None,
-        metadata={"help": "Piecewise-constant rho over equal segments of the run, e.g. `6.5 6.5 6.5 -8.0` (AmorLIP's "
-                          "annealing: the last quarter negative). Default: the config's rho throughout."},
-    )
-    max_consecutive_nonfinite: int = field(
-        default=5, metadata={"help": "Stop after this many consecutive steps with a non-finite loss or estimate."}
-    )
-    # Defaults changed from TrainingArguments (published CLIP recipes: AdamW beta2 0.98, eps 1e-6, cosine, clip 1).
-    output_dir: str | None = field(default="outputs/neuclip", metadata={"help": "Where checkpoints are written."})
-    learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate of the encoders."})
-    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay (not on biases, norms, 1-D, T)."})
-    adam_beta2: float = field(default=0.98, metadata={"help": "AdamW beta2."})
-    adam_epsilon: float = field(default=1e-6, metadata={"help": "AdamW epsilon."})
-    lr_scheduler_type: str = field(default="cosine", metadata={"help": "Encoder learning-rate schedule."})
-    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep `sample_ids` in the batch."})
-    ddp_find_unused_parameters: bool | None = field(default=False, metadata={"help": "All encoder weights are used."})
-    logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
-    dataloader_drop_last: bool = field(default=True, metadata={"help": "Equal batches on every rank."})
-    hub_push_attempts: int = field(
-        default=4, metadata={"help": "Attempts of each Hub call of a push (network errors, HTTP 408/429/5xx)."}
-    )
-    hub_push_backoff: float = field(
-        default=2.0, metadata={"help": "Seconds before the first retry of a Hub call; doubles per retry (max 60)."}
-    )
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.gradient_accumulation_steps != 1:
-            raise ValueError(
-                f"--gradient_accumulation_steps={self.gradient_accumulation_steps} is not supported: the global "
-                "objectives and normaliser estimators need the whole global batch in one step. Raise "
-                "--per_device_train_batch_size or the number of processes instead (NeuCLIP is designed for small "
-                "batches)."
-            )
-        for name in ("learning_rate", "normalizer_learning_rate", "temperature_learning_rate"):
-            value = getattr(self, name)
-            if value is not None and not value >= 0:
-                raise ValueError(f"--{name}={value} is invalid: a learning rate must be >= 0")
-        if self.per_device_train_batch_size * max(self.world_size, 1) < 2:
-            raise ValueError(
-                f"--per_device_train_batch_size={self.per_device_train_batch_size} with {self.world_size} process(es) "
-                "gives a global batch of 1: contrastive objectives need at least 2 pairs"
-            )
-        if self.max_consecutive_nonfinite < 1:
-            raise ValueError(f"--max_consecutive_nonfinite={self.max_consecutive_nonfinite} must be >= 1")
-        if self.rho_schedule is not None and len(self.rho_schedule) == 0:
-            raise ValueError("--rho_schedule needs at least one value")
-        if self.push_to_hub and self.hub_strategy in ("checkpoint", "all_checkpoints"):
-            strategy = getattr(self.hub_strategy, "value", self.hub_strategy)
-            raise ValueError(
-                f"--hub_strategy={strategy} is not supported: checkpoints hold pickled optimizer and RNG states, "
-                "which neuclip_hf never uploads. Use every_save (the model files of each save) or end."
-            )
-        RetryPolicy(self.hub_push_attempts, self.hub_push_backoff)  # validates both values
 
 
 class TemperatureThresholdLR:
@@ -235,9 +157,8 @@ class NeuCLIPTrainer(HubPushMixin, Trainer):
     # -- model parts ----------------------------------------------------------------------------------------------
     @property
     def core_model(self):
-        """The NeuCLIPModel inside any DDP / PEFT wrappers."""
-        model = self.accelerator.unwrap_model(self.model)
-        return model.get_base_model() if hasattr(model, "get_base_model") else model
+        """The NeuCLIPModel inside any DDP / PEFT / compile wrappers."""
+        return unwrap_model(self.model)
 
     @property
     def normalizer(self) -> Normalizer:
@@ -277,8 +198,6 @@ class NeuCLIPTrainer(HubPushMixin, Trainer):
     def create_optimizer(self, model=None):
         opt_model = self.model if model is None else model
         if is_peft_model(opt_model):
-            from .lora import check_lora_model
-
             check_lora_model(opt_model)
         normalizer = find_normalizer(opt_model)
         if self.optimizer is None:
@@ -287,7 +206,7 @@ class NeuCLIPTrainer(HubPushMixin, Trainer):
             groups: dict[str, list] = {"decay": [], "no_decay": [], "temperature": []}
             for name, param in opt_model.named_parameters():
                 if not param.requires_grad or id(param) in estimator_params:
-                    continue  # the normaliser's own optimizer trains these
+                    continue  # the normalizer's own optimizer trains these
                 key = "temperature" if name.endswith("logit_scale") else "decay" if name in decay else "no_decay"
                 groups[key].append(param)
             optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
@@ -337,7 +256,7 @@ class NeuCLIPTrainer(HubPushMixin, Trainer):
         return float(schedule[min(self.state.global_step * len(schedule) // total, len(schedule) - 1)])
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """Evaluation loss: the objective with the current estimate (the normaliser is not updated)."""
+        """Evaluation loss: the objective with the current estimate (the normalizer is not updated)."""
         inputs = {k: v for k, v in inputs.items() if k != "data_stats"}
         outputs = model(**inputs, return_loss=True, rho=self.current_rho())
         return (outputs.loss, outputs) if return_outputs else outputs.loss
@@ -396,7 +315,7 @@ class NeuCLIPTrainer(HubPushMixin, Trainer):
             )
 
     def after_optimizer_step(self) -> None:
-        """Clamp the temperature, apply the temperature lr threshold, step the normaliser's scheduler."""
+        """Clamp the temperature, apply the temperature lr threshold, step the normalizer's scheduler."""
         core = self.core_model
         core.clamp_logit_scale_()
         if self.temperature_lr is not None:
@@ -435,21 +354,21 @@ class NeuCLIPTrainer(HubPushMixin, Trainer):
     def _drain_metrics(self) -> dict[str, float]:
         logs: dict[str, float] = {}
         names = sorted(self._metric_sums)
+        # The estimator's event counts (e.g. NeuCLIP's restarts) are summed over the window, not averaged.
+        counts = {f"normalizer_{name}" for name in type(self.normalizer).count_diagnostics}
         if names:
             stacked = torch.stack([self._metric_sums[n] for n in names]) / max(self._metric_steps, 1)
             if self.accelerator.num_processes > 1:
                 stacked = self.accelerator.reduce(stacked, reduction="mean")
             for name, value in zip(names, stacked.tolist()):
-                # restart events and skipped batches are counts, not averages
-                is_count = name in ("normalizer_restart", "normalizer_nonfinite")
-                logs[name] = round(value * self._metric_steps) if is_count else value
-        counts = self._data_counts.to(self.args.device)
+                logs[name] = round(value * self._metric_steps) if name in counts else value
+        data_counts = self._data_counts.to(self.args.device)
         if self.accelerator.num_processes > 1:
-            counts = self.accelerator.reduce(counts, reduction="sum")
-        counts = counts.tolist()
-        if counts[0] > 0:
-            logs["data_samples_read"] = counts[0]
-            for reason, count in zip(BAD_SAMPLE_REASONS, counts[1:]):
+            data_counts = self.accelerator.reduce(data_counts, reduction="sum")
+        data_counts = data_counts.tolist()
+        if data_counts[0] > 0:
+            logs["data_samples_read"] = data_counts[0]
+            for reason, count in zip(BAD_SAMPLE_REASONS, data_counts[1:]):
                 if count:
                     logs[f"data_skipped_{reason}"] = count
         elapsed = max(time.time() - self._last_log_time, 1e-9)
@@ -483,7 +402,7 @@ class NeuCLIPTrainer(HubPushMixin, Trainer):
         if normalizer.optimizer is None:
             return
         if not os.path.isfile(path):
-            logger.warning(f"{path} not found: the normaliser's optimizer starts from a fresh state")
+            logger.warning(f"{path} not found: the normalizer's optimizer starts from a fresh state")
             return
         state = torch.load(path, map_location=self.args.device, weights_only=True)
         normalizer.optimizer.load_state_dict(state["optimizer"])
@@ -498,12 +417,10 @@ class NeuCLIPTrainer(HubPushMixin, Trainer):
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         model = self.model if model is None else model
-        if is_peft_model(model):  # the adapter was loaded above; the normaliser is stored next to it
+        if is_peft_model(model):  # the adapter was loaded above; the normalizer is stored next to it
             if not os.path.isfile(os.path.join(resume_from_checkpoint, NORMALIZER_WEIGHTS_NAME)):
                 raise ValueError(f"{resume_from_checkpoint} has no {NORMALIZER_WEIGHTS_NAME}: it was not written by "
-                                 "NeuCLIPTrainer, so the normaliser cannot be resumed")
-            from .lora import keep_normalizer_trainable
-
+                                 "NeuCLIPTrainer, so the normalizer cannot be resumed")
             load_normalizer(model, resume_from_checkpoint, local_files_only=True)
             keep_normalizer_trainable(model)  # loading an adapter may re-freeze the base model
 
@@ -533,3 +450,6 @@ class NeuCLIPTrainer(HubPushMixin, Trainer):
             logger.info(f"Resuming from {self._resume_checkpoint}")
         return super().train(resume_from_checkpoint=self._resume_checkpoint, **kwargs)
 
+
+
+__all__ = ["EndlessLoader", "NeuCLIPTrainer", "NeuCLIPTrainingArguments", "TemperatureThresholdLR"]

@@ -22,12 +22,14 @@ from huggingface_hub import get_token
 from transformers.utils import logging
 from transformers.utils.hub import PushInProgress, hf_api
 
+from .evaluation import ZeroShotEvalCallback
 from .hub import HubPushError, RetryPolicy, call_with_retry, upload_folder
+from .lora import lora_summary
 from .model_card import DEFAULT_LICENSE, TrainingSummary, build_model_card
 
 logger = logging.get_logger(__name__)
 
-# Files a background push copies from the checkpoint into output_dir before uploading it (the normaliser files exist
+# Files a background push copies from the checkpoint into output_dir before uploading it (the normalizer files exist
 # only for LoRA runs; the model code files are rewritten by save_pretrained and copied too).
 _CHECKPOINT_MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "adapter_config.json",
                            "adapter_model.safetensors", "normalizer.safetensors", "normalizer_config.json")
@@ -74,9 +76,6 @@ class HubPushMixin:
         """
         if not self.is_world_process_zero():
             return None
-        from .evaluation import ZeroShotEvalCallback
-        from .lora import lora_summary
-
         info = {**self.card_info, **{k: v for k, v in dict(
             training_data=training_data or (dataset if isinstance(dataset, str) else None),
             finetuned_from=finetuned_from, license=license, tags=[tags] if isinstance(tags, str) else tags,

@@ -1,4 +1,4 @@
-"""Merge a LoRA adapter trained by recipes/train.py into its base model: a full NeuCLIPModel (normaliser included).
+"""Merge a LoRA adapter trained by recipes/train.py into its base model: a full NeuCLIPModel (normalizer included).
 
 Examples:
     python recipes/merge_lora.py --adapter outputs/lora-run --output outputs/lora-merged
@@ -20,7 +20,7 @@ from neuclip_hf.lora import load_lora, merge_lora
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--adapter", required=True, help="adapter directory or Hub id (adapter + normaliser files)")
+    parser.add_argument("--adapter", required=True, help="adapter directory or Hub id (adapter + normalizer files)")
     parser.add_argument("--output", required=True, help="directory for the merged model and processor")
     parser.add_argument("--base", default=None, help="base model directory or Hub id (default: from the adapter)")
     parser.add_argument("--push_to_hub", default=None, metavar="REPO_ID", help="also push the merged model there")
@@ -30,7 +30,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> str:
     args = parse_args(argv)
     merged = merge_lora(load_lora(args.adapter, base_model=args.base))
-    merged.save_pretrained(args.output)  # config, model.safetensors (encoders + normaliser), model code
+    merged.save_pretrained(args.output)  # config, model.safetensors (encoders + normalizer), model code
     processor = None
     for source in (args.adapter, args.base or merged.config.name_or_path):
         try:

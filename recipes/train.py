@@ -1,4 +1,4 @@
-"""CLIP pretraining with a normaliser estimator (NeuCLIP, AmorLIP, FastCLIP) or a baseline (CLIP, SigLIP).
+"""CLIP pretraining with a normalizer estimator (NeuCLIP, AmorLIP, FastCLIP) or a baseline (CLIP, SigLIP).
 
     python recipes/train.py                                     # embedded Fashion-MNIST data, tiny model, CPU
     python recipes/train.py recipes/configs/default.yaml --objective fastclip --max_steps 300
@@ -22,14 +22,21 @@ from pathlib import Path
 from transformers import set_seed
 from transformers.utils import logging
 
-from neuclip_hf.arguments import EvalArguments, LoraArguments, ModelArguments, parse_arguments
-from neuclip_hf.data import DataArguments, build_train_dataloader, count_samples
-from neuclip_hf.diagnostics import NormaliserDiagnosticsCallback, pool_from_data
+from neuclip_hf.arguments import (
+    DataArguments,
+    EvalArguments,
+    LoraArguments,
+    ModelArguments,
+    NeuCLIPTrainingArguments,
+    parse_arguments,
+)
+from neuclip_hf.data import build_train_dataloader, count_samples, open_eval_data
+from neuclip_hf.diagnostics import NormalizerDiagnosticsCallback, pool_from_data
 from neuclip_hf.distributed import rank_and_world_size
 from neuclip_hf.evaluation import ZeroShotEvalCallback, ZeroShotEvaluator, format_metrics_table
 from neuclip_hf.model_setup import build_model, build_processor, maybe_apply_lora
-from neuclip_hf.normalizers import NormalizerEstimator
-from neuclip_hf.trainer import NeuCLIPTrainer, NeuCLIPTrainingArguments
+from neuclip_hf.normalizers import NormalizerEstimator, normalizer_class
+from neuclip_hf.trainer import NeuCLIPTrainer
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
 logger = logging.get_logger("neuclip_hf.recipes.train")
@@ -45,14 +52,13 @@ def main(argv: list[str] | None = None) -> dict:
         raise ValueError("--max_steps must be set (> 0): the training data is streamed and has no length")
     set_seed(training_args.seed)
 
-    # 2. Model and processor. FastCLIP keeps one moving average per sample: size its table from the data.
-    extra = {}
-    if model_args.objective == "fastclip":
-        extra = {"fastclip_dataset_size": data_args.dataset_size or count_samples(data_args),
-                 "fastclip_id_mode": "map"}
+    # 2. Model and processor; a method whose state is sized by the data (FastCLIP's per-sample table) gets its
+    #    config fields from the number of training samples.
+    method = normalizer_class(model_args.objective)
+    extra = method.config_from_data(count_samples(data_args)) if method.needs_num_samples else {}
     model = build_model(model_args, **extra)  # --init_from / --init_normalizer_from are applied here
     processor = build_processor(model_args, model)
-    model = maybe_apply_lora(model, lora_args)  # --lora_r > 0: adapters on both towers, normaliser in full
+    model = maybe_apply_lora(model, lora_args)  # --lora_r > 0: adapters on both towers, normalizer in full
 
     # 3. Streaming input: each rank reads its own shards, position saved in every checkpoint.
     def train_loader():
@@ -64,22 +70,24 @@ def main(argv: list[str] | None = None) -> dict:
         )
 
     # 4. Held-out zero-shot classification / retrieval, during training and at the end.
-    evaluator = ZeroShotEvaluator(processor, data_args.eval_data, templates=eval_args.zero_shot_templates,
+    eval_data = open_eval_data(data_args.eval_data, split=data_args.eval_split,
+                               config_name=data_args.dataset_config_name)
+    evaluator = ZeroShotEvaluator(processor, eval_data, templates=eval_args.zero_shot_templates,
                                   batch_size=eval_args.eval_batch_size, max_samples=eval_args.eval_max_samples,
                                   cache_inputs=True)
     eval_callback = ZeroShotEvalCallback(evaluator, eval_steps=eval_args.zero_shot_eval_steps)
     trainer = NeuCLIPTrainer(model=model, args=training_args, processing_class=processor,
                              train_loader_factory=train_loader)
     eval_callback.attach(trainer)
-    if eval_args.normaliser_diagnostics_steps > 0 and isinstance(trainer.normalizer, NormalizerEstimator):
-        # Live check of the estimator against the exact normaliser of a pool of training samples.
-        pool = pool_from_data(data_args, processor, eval_args.normaliser_diagnostics_pool)
-        NormaliserDiagnosticsCallback(pool, every_steps=eval_args.normaliser_diagnostics_steps).attach(trainer)
+    if eval_args.normalizer_diagnostics_steps > 0 and isinstance(trainer.normalizer, NormalizerEstimator):
+        # Live check of the estimator against the exact normalizer of a pool of training samples.
+        pool = pool_from_data(data_args, processor, eval_args.normalizer_diagnostics_pool)
+        NormalizerDiagnosticsCallback(pool, every_steps=eval_args.normalizer_diagnostics_steps).attach(trainer)
     # What the model card says about the run (also used by the background pushes of --hub_strategy every_save).
     trainer.card_info.update(training_data=data_args.train_data or "the embedded Fashion-MNIST captions",
                              finetuned_from=model_args.init_from)
 
-    # 5. Train, save (model + processor; LoRA: adapter + normaliser), report, push (the model files and a card).
+    # 5. Train, save (model + processor; LoRA: adapter + normalizer), report, push (the model files and a card).
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     metrics = eval_callback.results["latest"] or {}
     summary = {"output_dir": os.path.abspath(training_args.output_dir), "objective": model_args.objective,

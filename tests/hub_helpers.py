@@ -8,7 +8,7 @@ from torch.utils.data import Dataset
 from zero_shot_helpers import SMALL_TOWER, random_images, small_processor
 
 from neuclip_hf import NeuCLIPModel
-from neuclip_hf.eval_data import EvalData, normalize_row
+from neuclip_hf.data.eval_data import EvalData, normalize_row
 from neuclip_hf.evaluation import ZeroShotEvalCallback, ZeroShotEvaluator
 from neuclip_hf.presets import model_config
 from neuclip_hf.trainer import NeuCLIPTrainer, NeuCLIPTrainingArguments
@@ -56,7 +56,7 @@ def embeddings_and_logits(model, batch) -> dict:
 
 
 def hub_model(seed: int = 0, objective: str = "neuclip") -> NeuCLIPModel:
-    """The small real-vocabulary model of `zero_shot_helpers` with a cheap normaliser (64 prototypes, 2 inner
+    """The small real-vocabulary model of `zero_shot_helpers` with a cheap normalizer (64 prototypes, 2 inner
     steps: the paper's 4096 x 10 would dominate a CPU test)."""
     torch.manual_seed(seed)
     return NeuCLIPModel(model_config("tiny", objective=objective, text_config=SMALL_TOWER, vision_config=SMALL_TOWER,

@@ -1,5 +1,5 @@
 """Continued pretraining from a CLIP checkpoint (`--init_from`): encoders, tokenizer and processor loaded, encoder
-weights unchanged until the first encoder update, the normaliser warm-started before it by its method's rule.
+weights unchanged until the first encoder update, the normalizer warm-started before it by its method's rule.
 
 The real OpenAI weights cannot be downloaded here: the path is tested on a locally saved CLIP checkpoint, and a test
 that needs OpenAI's ViT-B/32 reads a local copy from $NEUCLIP_OPENAI_CLIP_DIR (skipped when it is unset).
@@ -42,7 +42,7 @@ def clip_checkpoint(tmp_path_factory):
 
 
 def run_first_step(model, processor, tmp_path, objective):
-    """Train one step; returns (the first batch, the encoder weights and a normaliser copy seen just before the
+    """Train one step; returns (the first batch, the encoder weights and a normalizer copy seen just before the
     first encoder update, the model's state after the step)."""
     seen = {}
 
@@ -79,8 +79,8 @@ def reference_inputs(checkpoint, batch, eps) -> NormalizerInputs:
 
 
 @pytest.mark.parametrize("objective", ["neuclip", "amorlip", "fastclip", "siglip", "clip"])
-def test_new_normaliser_starts_from_its_initial_state(clip_checkpoint, tmp_path, objective):
-    """The checkpoint has no normaliser: its buffers must start at their initial values (loading materialises
+def test_new_normalizer_starts_from_its_initial_state(clip_checkpoint, tmp_path, objective):
+    """The checkpoint has no normalizer: its buffers must start at their initial values (loading materialises
     missing tensors uninitialised; a garbage step counter would skip NeuCLIP's step-0 restart, for example)."""
     overrides = dict(neuclip_num_prototypes=64, fastclip_dataset_size=32, fastclip_id_mode="map")
     model = NeuCLIPModel.from_clip_pretrained(clip_checkpoint, objective=objective, **overrides)
@@ -98,7 +98,7 @@ def test_new_normaliser_starts_from_its_initial_state(clip_checkpoint, tmp_path,
 
 
 @pytest.mark.parametrize("objective", ["neuclip", "amorlip", "fastclip"])
-def test_init_from_a_saved_clip_keeps_encoders_and_warm_starts_the_normaliser(clip_checkpoint, tmp_path, objective):
+def test_init_from_a_saved_clip_keeps_encoders_and_warm_starts_the_normalizer(clip_checkpoint, tmp_path, objective):
     args = ModelArguments(objective=objective, init_from=str(clip_checkpoint), config_overrides=CHEAP_ESTIMATORS)
     model = build_model(args)
     processor = build_processor(args, model)
@@ -143,7 +143,7 @@ def test_init_from_a_saved_clip_keeps_encoders_and_warm_starts_the_normaliser(cl
 
 @pytest.mark.skipif(not OPENAI_DIR, reason="set NEUCLIP_OPENAI_CLIP_DIR to a local openai/clip-vit-base-patch32")
 def test_openai_clip_vit_b32(tmp_path):
-    """OpenAI's ViT-B/32 from a local directory: its tokenizer, encoders unchanged at step 0, normaliser warm start."""
+    """OpenAI's ViT-B/32 from a local directory: its tokenizer, encoders unchanged at step 0, normalizer warm start."""
     args = ModelArguments(objective="neuclip", init_from=OPENAI_DIR,
                           config_overrides="neuclip_num_prototypes=256,neuclip_inner_steps=2")
     model = build_model(args)

@@ -12,6 +12,8 @@ from data_fixtures import collect_ids, processor, write_parquet, write_webdatase
 
 from neuclip_hf import DataArguments, build_eval_dataloader, build_train_dataloader
 
+pytestmark = pytest.mark.slow  # slow tier: multi-process runs
+
 
 def free_port() -> int:
     with socket.socket() as s:

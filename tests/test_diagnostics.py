@@ -1,13 +1,14 @@
-"""Exact dataset-wide log-normalisers against a brute-force loop, estimator errors, and the live callback."""
+"""Exact dataset-wide log-normalizers against a brute-force loop, estimator errors, and the live callback."""
 
 import math
 
+import pytest
 import torch
 from helpers import tiny_config, unit_vectors
 from trainer_helpers import PairDataset, make_trainer
 
 from neuclip_hf.diagnostics import (
-    NormaliserDiagnosticsCallback,
+    NormalizerDiagnosticsCallback,
     estimate_errors,
     estimates_in_training_batches,
     exact_log_normalizers,
@@ -100,11 +101,22 @@ def test_prototype_estimator_error_drops_below_in_batch_on_frozen_features():
 def test_diagnostics_callback_logs_errors_during_training(tmp_path):
     pool = PairDataset(n=40, seed=3).rows
     trainer = make_trainer("neuclip", tmp_path, 4)
-    callback = NormaliserDiagnosticsCallback(pool, every_steps=2, num_probes=8).attach(trainer)
+    callback = NormalizerDiagnosticsCallback(pool, every_steps=2, num_probes=8).attach(trainer)
     trainer.train()
-    logged = [h for h in trainer.state.log_history if "normaliser_mse" in h]
+    logged = [h for h in trainer.state.log_history if "normalizer_mse" in h]
     assert [h["step"] for h in logged] == [2, 4]
     for entry in logged:
-        assert entry["normaliser_mse"] >= 0 and entry["normaliser_in_batch_mse"] >= 0
-        assert math.isfinite(entry["normaliser_bias"])
+        assert entry["normalizer_mse"] >= 0 and entry["normalizer_in_batch_mse"] >= 0
+        assert math.isfinite(entry["normalizer_bias"])
     assert len(callback.history) == 2
+
+
+def test_old_spellings_still_work_with_a_deprecation_warning():
+    from neuclip_hf import diagnostics
+    from neuclip_hf.arguments import EvalArguments
+
+    with pytest.warns(FutureWarning, match="use NormalizerDiagnosticsCallback"):
+        assert diagnostics.NormaliserDiagnosticsCallback is NormalizerDiagnosticsCallback
+    with pytest.warns(FutureWarning, match="--normaliser_diagnostics_steps is deprecated"):
+        args = EvalArguments(normaliser_diagnostics_steps=7, normaliser_diagnostics_pool=64)
+    assert (args.normalizer_diagnostics_steps, args.normalizer_diagnostics_pool) == (7, 64)

@@ -14,6 +14,8 @@ from helpers import OBJECTIVES, free_port
 
 from neuclip_hf.distributed import gather_no_grad, gather_with_grad, rank_and_world_size
 
+pytestmark = pytest.mark.slow  # slow tier: multi-process runs
+
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from transformers import CLIPModel, Trainer, TrainerState, TrainingArguments
 from zero_shot_helpers import random_images, save_model
 
 from neuclip_hf.default_data import FASHION_MNIST_CLASSES, prepare_default_data
-from neuclip_hf.eval_data import open_eval_data
+from neuclip_hf.data import open_eval_data
 from neuclip_hf.evaluation import ZeroShotEvalCallback, ZeroShotEvaluator
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -122,6 +122,7 @@ def _run_recipe(args: list[str], env: dict | None = None) -> subprocess.Complete
                           env=environment, cwd=ROOT, timeout=120)
 
 
+@pytest.mark.slow
 def test_recipe_on_the_default_split_without_data_argument(tmp_path, clip_model, clip_processor):
     # The real default cache (prepared by scripts/setup.sh; prepared here on first use otherwise): the recipe
     # streams it, so --max_samples keeps the run short.

@@ -1,6 +1,6 @@
 """Hub sharing against the loopback Hub (`fake_hub.py`): push with the Trainer's conventions and the library call,
 load back through AutoModel, CLIPModel, trust_remote_code without the package, the pipeline, a LoRA adapter and a
-normaliser-only repository; the card and its metrics; no token and no pickle leaves the machine; failed pushes.
+normalizer-only repository; the card and its metrics; no token and no pickle leaves the machine; failed pushes.
 
 The Hub client reads HF_ENDPOINT when it is imported, so every client runs in a fresh subprocess (`run_hub_script`)
 while the server runs here.
@@ -51,10 +51,10 @@ model = trainer.model
 save_file({k: v.contiguous() for k, v in model.state_dict().items()}, "full_state.safetensors")
 save_file(outputs(model), "full_outputs.safetensors")
 
-# 2. The normaliser on its own.
+# 2. The normalizer on its own.
 push_normalizer(model, "user/neuclip-tiny-normalizer", source_model="user/neuclip-tiny")
 
-# 3. LoRA: a base pushed with the library call, loaded back from the Hub, adapted, pushed as adapter + normaliser.
+# 3. LoRA: a base pushed with the library call, loaded back from the Hub, adapted, pushed as adapter + normalizer.
 push_to_hub(hub_model(seed=1), "user/neuclip-base", processor)
 base = NeuCLIPModel.from_pretrained("user/neuclip-base")
 lora_trainer, _ = build_trainer("lora_run", steps=2, model=base, lora=dict(r=4, alpha=8.0), push_to_hub=True,
@@ -112,7 +112,7 @@ with torch.no_grad():
 for label, value in zip(labels, expected.tolist()):
     assert abs(scores[label] - value) < 1e-5, (label, scores[label], value)
 
-# The normaliser-only repository warm-starts a fresh model's normaliser.
+# The normalizer-only repository warm-starts a fresh model's normalizer.
 fresh = NeuCLIPModel(model.config)
 report = load_normalizer(fresh, "user/neuclip-tiny-normalizer")
 assert report["differences"] == {}
@@ -124,7 +124,7 @@ try:
 except ValueError as error:
     assert "trained for objective='neuclip'" in str(error)
 
-# The LoRA adapter: base from adapter_config.json (the Hub id), normaliser restored, merge equals the adapter.
+# The LoRA adapter: base from adapter_config.json (the Hub id), normalizer restored, merge equals the adapter.
 lora = load_lora("user/neuclip-lora")
 assert_close(outputs(lora), load_file("lora_outputs.safetensors"))
 lora_normalizer = load_file("lora_normalizer.safetensors")

@@ -1,4 +1,4 @@
-"""LoRA through peft: adapters on both towers, the normaliser trained in full, save / reload / merge, exact resume."""
+"""LoRA through peft: adapters on both towers, the normalizer trained in full, save / reload / merge, exact resume."""
 
 import gc
 import importlib.util
@@ -21,10 +21,10 @@ from neuclip_hf.lora import apply_lora, load_lora, lora_summary, merge_lora, sav
 LORA = dict(r=4, alpha=8.0)
 
 
-def test_adapters_on_both_towers_and_normaliser_fully_trainable():
+def test_adapters_on_both_towers_and_normalizer_fully_trainable():
     model = apply_lora(NeuCLIPModel(tiny_config("amorlip")), r=4, alpha=8.0, target_modules="q_proj,v_proj")
     adapted = {n.split(".lora_A")[0] for n, _ in model.named_parameters() if ".lora_A." in n}
-    # 2 layers x {q, v} in each tower, nothing in the normaliser.
+    # 2 layers x {q, v} in each tower, nothing in the normalizer.
     assert len(adapted) == 8 and all(("text_model" in n) != ("vision_model" in n) for n in adapted)
     assert sum("text_model" in n for n in adapted) == 4
     trainable = {n for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n}
@@ -35,7 +35,7 @@ def test_adapters_on_both_towers_and_normaliser_fully_trainable():
 
 
 @pytest.mark.parametrize("objective", ["neuclip", "amorlip", "siglip"])
-def test_lora_training_updates_adapters_and_normaliser_only(tmp_path, objective):
+def test_lora_training_updates_adapters_and_normalizer_only(tmp_path, objective):
     trainer = make_trainer(objective, tmp_path, 3, lora=LORA)
     before = {k: v.clone() for k, v in trainer.core_model.state_dict().items()}
     trainer.train()
@@ -55,7 +55,7 @@ def test_lora_training_updates_adapters_and_normaliser_only(tmp_path, objective)
 
 @pytest.mark.parametrize("objective", ["neuclip", "amorlip", "siglip"])
 def test_lora_resume_equals_uninterrupted_run(tmp_path, objective):
-    """N steps, checkpoint (adapter + normaliser + its optimizer), resume in a fresh trainer, N more == 2N steps."""
+    """N steps, checkpoint (adapter + normalizer + its optimizer), resume in a fresh trainer, N more == 2N steps."""
     steps = 6
     full = make_trainer(objective, tmp_path / "full", steps, lora=LORA, save_steps=steps // 2)
     full.train()
@@ -86,9 +86,9 @@ def test_train_save_reload_and_merge_give_equal_outputs(tmp_path):
     reloaded = load_lora(tmp_path / "adapter", base_model=str(tmp_path / "base"))
     for name, value in outputs(reloaded, batch).items():
         torch.testing.assert_close(value, expected[name], atol=1e-6, rtol=1e-6, msg=name)
-    normaliser = trained.get_base_model().normalizer.state_dict()
+    normalizer = trained.get_base_model().normalizer.state_dict()
     for name, value in reloaded.get_base_model().normalizer.state_dict().items():
-        assert torch.equal(value, normaliser[name]), name
+        assert torch.equal(value, normalizer[name]), name
 
     merged = merge_lora(reloaded)
     assert type(merged) is NeuCLIPModel and not any("lora_" in n for n, _ in merged.named_parameters())
@@ -137,8 +137,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_ddp_ignores_the_normaliser_by_its_wrapped_names():
-    """Under DDP the normaliser's state must be named as the PeftModel names it, or DDP waits for gradients that
+def test_ddp_ignores_the_normalizer_by_its_wrapped_names():
+    """Under DDP the normalizer's state must be named as the PeftModel names it, or DDP waits for gradients that
     its own optimizer never produces (a reduction error on the second step)."""
     import torch.distributed as dist
 
@@ -152,7 +152,7 @@ def test_ddp_ignores_the_normaliser_by_its_wrapped_names():
     try:
         ddp = torch.nn.parallel.DistributedDataParallel(model)
         assert names <= ddp.parameters_to_ignore
-        for seed in range(2):  # the second forward fails if the previous reduction waited on normaliser gradients
+        for seed in range(2):  # the second forward fails if the previous reduction waited on normalizer gradients
             ddp(**tiny_batch(8, seed=seed), return_loss=True, update_normalizer=True).loss.backward()
     finally:
         # Free DDP's reducer while its process group is alive: destroying the group first can leave the reducer's
@@ -162,12 +162,12 @@ def test_ddp_ignores_the_normaliser_by_its_wrapped_names():
         dist.destroy_process_group()
 
 
-def test_peft_wrappings_that_freeze_or_shadow_the_normaliser_are_refused(tmp_path):
+def test_peft_wrappings_that_freeze_or_shadow_the_normalizer_are_refused(tmp_path):
     trainer = make_trainer("neuclip", tmp_path, 1)
     plain = get_peft_model(NeuCLIPModel(tiny_config("neuclip")), LoraConfig(r=4, target_modules=["q_proj"]))
     trainer.model = plain
     trainer.optimizer = None
-    with pytest.raises(TypeError, match="froze the normaliser; wrap the model with neuclip_hf.lora.apply_lora"):
+    with pytest.raises(TypeError, match="froze the normalizer; wrap the model with neuclip_hf.lora.apply_lora"):
         trainer.create_optimizer()
     shadowed = get_peft_model(NeuCLIPModel(tiny_config("neuclip")),
                               LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["normalizer"]))

@@ -1,4 +1,4 @@
-"""The normaliser on its own: save / load (safetensors + JSON), warm start from a normaliser or a full model, and
+"""The normalizer on its own: save / load (safetensors + JSON), warm start from a normalizer or a full model, and
 clear refusals of another objective or other shapes."""
 
 import json
@@ -15,7 +15,7 @@ from neuclip_hf.model_setup import build_model
 
 
 def trained(objective: str, steps: int = 2, **overrides) -> NeuCLIPModel:
-    """A tiny model whose normaliser has been updated `steps` times (counters, tables, banks all non-trivial)."""
+    """A tiny model whose normalizer has been updated `steps` times (counters, tables, banks all non-trivial)."""
     torch.manual_seed(0)
     model = NeuCLIPModel(tiny_config(objective, **overrides))
     for seed in range(steps):
@@ -60,7 +60,7 @@ def test_load_from_a_full_model_directory(tmp_path):
     load_normalizer(target, tmp_path / "model")
     assert_same_normalizer(source, target)
     assert bool(target.normalizer.has_previous)
-    # Sharded weights: only the index and the shards holding normaliser tensors are read.
+    # Sharded weights: only the index and the shards holding normalizer tensors are read.
     source.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
     assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
     sharded = NeuCLIPModel(tiny_config("amorlip"))
@@ -82,7 +82,7 @@ def test_warm_start_through_model_arguments(tmp_path):
 def test_other_objective_is_refused(tmp_path):
     save_normalizer(trained("amorlip"), tmp_path / "norm")
     with pytest.raises(ValueError, match=r"trained for objective='amorlip', but this model uses "
-                                         r"objective='neuclip': a normaliser only carries over within one objective"):
+                                         r"objective='neuclip': a normalizer only carries over within one objective"):
         load_normalizer(NeuCLIPModel(tiny_config("neuclip")), tmp_path / "norm")
 
 
@@ -107,13 +107,13 @@ def test_shape_compatible_hyperparameter_changes_are_reported(tmp_path):
     assert target.normalizer.inner_steps == 3
 
 
-def test_checkpoints_without_a_normaliser_are_refused(tmp_path):
+def test_checkpoints_without_a_normalizer_are_refused(tmp_path):
     from transformers import CLIPConfig, CLIPModel
 
     clip = CLIPModel(CLIPConfig(text_config=tiny_config().text_config.to_dict(),
                                 vision_config=tiny_config().vision_config.to_dict(), projection_dim=16))
     clip.save_pretrained(tmp_path / "clip")
-    with pytest.raises(ValueError, match="is a clip checkpoint: it holds no normaliser"):
+    with pytest.raises(ValueError, match="is a clip checkpoint: it holds no normalizer"):
         load_normalizer(NeuCLIPModel(tiny_config("neuclip")), tmp_path / "clip")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="holds neither a normalizer_config.json nor a model config.json"):

@@ -13,7 +13,8 @@ from neuclip_hf.normalizers import (
     PrototypeNormalizer,
     build_normalizer,
 )
-from neuclip_hf.objectives import NormalizerInputs, log_partition_sum
+from neuclip_hf.normalizer_amorlip import log_partition_sum
+from neuclip_hf.objectives import NormalizerInputs
 
 EPS = 1e-6
 

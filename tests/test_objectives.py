@@ -8,15 +8,14 @@ from helpers import tiny_batch, tiny_config, unit_vectors
 from transformers import CLIPModel
 
 from neuclip_hf import NeuCLIPModel
+from neuclip_hf.normalizer_amorlip import amorlip_loss, log_partition_sum
+from neuclip_hf.normalizer_clip import clip_loss
+from neuclip_hf.normalizer_siglip import siglip_loss
 from neuclip_hf.objectives import (
     ContrastiveBatch,
     NormalizerInputs,
-    amorlip_loss,
-    clip_loss,
     global_contrastive_loss,
     log_mean_exp_negatives,
-    log_partition_sum,
-    siglip_loss,
     unified_loss,
 )
 

@@ -54,7 +54,7 @@ def test_no_complete_checkpoint_error(tmp_path):
 
 
 def test_neuclip_update_order_observed_through_optimizer_hooks(tmp_path):
-    """Per step: T_u AdaGrad steps of the normaliser, then exactly one AdamW step; restarts every T_r steps."""
+    """Per step: T_u AdaGrad steps of the normalizer, then exactly one AdamW step; restarts every T_r steps."""
     inner, period, steps = 3, 4, 9
     trainer = make_trainer("neuclip", tmp_path, steps, model_kwargs=dict(neuclip_inner_steps=inner,
                                                                           neuclip_restart_period=period))
@@ -95,7 +95,7 @@ def test_parameter_groups_and_normalizer_excluded(tmp_path):
     # The temperature keeps its own constant learning rate (no warm-up / cosine).
     temperature_group = [g for g in trainer.optimizer.param_groups if g["group"] == "temperature"][0]
     assert temperature_group["lr"] == pytest.approx(2e-4)
-    # The normaliser's parameters never hold a gradient (encoder clipping never sees them).
+    # The normalizer's parameters never hold a gradient (encoder clipping never sees them).
     assert all(p.grad is None for p in model.normalizer.parameters())
 
 

@@ -9,6 +9,8 @@ import pytest
 import torch
 from helpers import free_port
 
+pytestmark = pytest.mark.slow  # slow tier: multi-process runs
+
 SCRIPT = Path(__file__).parent / "scripts" / "train_two_ranks.py"
 OBJECTIVES = ["neuclip", "fastclip"]
 
@@ -39,7 +41,7 @@ def test_two_process_training_equals_one_process(runs, objective):
     rank0, rank1, single = (r[objective] for r in runs)
     assert rank0["world_size"] == rank1["world_size"] == 2 and single["world_size"] == 1
     for name, value in rank0["model"].items():
-        # Identical on both ranks: encoders through DDP, normaliser state through identical updates.
+        # Identical on both ranks: encoders through DDP, normalizer state through identical updates.
         assert torch.equal(value, rank1["model"][name]), f"{name} differs between ranks"
         if value.is_floating_point():
             torch.testing.assert_close(value, single["model"][name], atol=1e-5, rtol=1e-5, msg=name)

@@ -4,7 +4,11 @@ import json
 import runpy
 from pathlib import Path
 
+import pytest
+
 from neuclip_hf.default_data import prepare_default_data
+
+pytestmark = pytest.mark.slow  # slow tier: a benchmark quick mode
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -56,7 +56,7 @@ def make_trainer(objective: str, output_dir, max_steps: int, streaming: bool = F
 
 
 def final_state(trainer) -> dict:
-    """Every model tensor and the normaliser optimizer's per-parameter state of a trained trainer."""
+    """Every model tensor and the normalizer optimizer's per-parameter state of a trained trainer."""
     model = trainer.core_model
     state = {f"model.{k}": v.detach().clone() for k, v in model.state_dict().items()}
     optimizer = trainer.normalizer.optimizer
@@ -68,7 +68,7 @@ def final_state(trainer) -> dict:
 
 
 def assert_same_final_state(expected_trainer, actual_trainer) -> None:
-    """Model tensors and normaliser optimizer state of two trainers agree (floats to 1e-5, the rest exactly)."""
+    """Model tensors and normalizer optimizer state of two trainers agree (floats to 1e-5, the rest exactly)."""
     expected, actual = final_state(expected_trainer), final_state(actual_trainer)
     assert set(expected) == set(actual)
     for name, value in expected.items():

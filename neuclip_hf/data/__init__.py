@@ -1,8 +1,10 @@
-"""Streaming image-text input: sources (`sources`), per-sample decoding and batching (`samples`), and the
-resumable, sharded loader with its bad-sample policy (`loader`)."""
+"""The one reader of image-text data, for training and evaluation: sources (`sources`), column detection,
+per-sample decoding and batching (`samples`), the resumable, sharded training loader with its bad-sample policy
+(`loader`), and evaluation sets read through the same sources (`eval_data`)."""
 
+from ..arguments import DataArguments
+from .eval_data import EvalData, as_eval_data, open_eval_data
 from .loader import (
-    DataArguments,
     ImageTextStream,
     StreamingDataLoader,
     build_eval_dataloader,
@@ -28,15 +30,18 @@ __all__ = [
     "Columns",
     "DataArguments",
     "DataQualityError",
+    "EvalData",
     "ImageTextStream",
     "Source",
     "StreamingDataLoader",
     "accumulate_data_stats",
+    "as_eval_data",
     "build_eval_dataloader",
     "build_train_dataloader",
     "count_samples",
     "detect_columns",
     "hash_id",
+    "open_eval_data",
     "open_source",
     "random_resized_crop_box",
     "shard_layout_warning",

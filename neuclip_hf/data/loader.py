@@ -24,7 +24,6 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -32,7 +31,8 @@ from datasets import Image as ImageFeature
 from datasets.distributed import split_dataset_by_node
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from ..images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, BadSampleError
+from ..arguments import DataArguments
+from ..images import BadSampleError
 from .samples import BadSampleCounter, BatchEncoder, Columns, SampleDecoder, detect_columns, image_size_of
 from .sources import EVAL_SPLITS, SHARD_COLUMN, Source, open_source
 
@@ -49,66 +49,6 @@ logging.getLogger("datasets.iterable_dataset").addFilter(_QuietSingleExampleBuff
 
 _END = object()  # end-of-iterator marker
 DEFAULT_TEXT_LENGTH = 77  # OpenAI CLIP's context, when a tokenizer declares no usable model_max_length
-
-
-@dataclass
-class DataArguments:
-    """Input arguments of training and evaluation (`HfArgumentParser`-compatible)."""
-
-    train_data: str | None = field(default=None, metadata={
-        "help": "Training data: a glob, a comma-separated list of files (webdataset .tar, .parquet, .arrow, captions "
-                ".jsonl/.csv), a local directory (images + captions.jsonl, or a dataset directory) or a Hub dataset "
-                "name. Default: the embedded Fashion-MNIST captions (train split)."})
-    eval_data: str | None = field(default=None, metadata={
-        "help": "Evaluation data, same forms as --train_data. Default: the embedded dataset's test split."})
-    train_split: str = field(default="train", metadata={"help": "Split of a dataset directory / Hub dataset."})
-    eval_split: str | None = field(default=None, metadata={
-        "help": "Split for evaluation of a dataset directory / Hub dataset (default: the first of test, validation, "
-                "valid, val, eval that exists)."})
-    dataset_config_name: str | None = field(default=None, metadata={"help": "Configuration of a Hub dataset."})
-    image_column: str | None = field(default=None, metadata={"help": "Image column / webdataset field to use."})
-    caption_column: str | None = field(default=None, metadata={
-        "help": "Caption column / webdataset field; `json.<key>` picks a key inside a JSON field."})
-    id_column: str | None = field(default=None, metadata={
-        "help": "Sample-id column (default: sample_id / id / key / the webdataset key; else a content hash)."})
-    shuffle_buffer: int = field(default=0, metadata={
-        "help": "Shuffle buffer (raw examples per DataLoader worker); > 0 also shuffles the shard order, anew at "
-                "each set_epoch. 0 = fixed order and exact resume; with a buffer, a resume skips the buffered "
-                "examples (at most shuffle_buffer per worker) and repeats none."})
-    max_bad_fraction: float = field(default=0.01, metadata={
-        "help": "Stop with an error when more than this fraction of the samples read is bad."})
-    bad_check_min_samples: int = field(default=200, metadata={
-        "help": "Judge the bad fraction only after this many samples per worker."})
-    min_image_side: int = field(default=DEFAULT_MIN_SIDE, metadata={"help": "Skip images with a smaller side."})
-    max_image_pixels: int = field(default=DEFAULT_MAX_PIXELS, metadata={
-        "help": "Skip images with more pixels (decompression bombs; checked before decoding)."})
-    augment: bool = field(default=False, metadata={"help": "Random-resized-crop augmentation for training."})
-    jpeg_draft: bool = field(default=True, metadata={
-        "help": "Decode JPEGs at a reduced DCT scale (1/2, 1/4, 1/8) when the result still covers the model input: "
-                "several times faster on photos much larger than the input. --jpeg_draft False decodes at full "
-                "size (bit-exact CLIP preprocessing)."})
-    augment_min_scale: float = field(default=0.9, metadata={
-        "help": "Smallest area fraction of the random-resized crop (CLIP uses 0.9)."})
-    max_text_length: int | None = field(default=None, metadata={
-        "help": "Tokens per caption, start/end included (default: the tokenizer's model_max_length, which the "
-                "trainer sets to the model's max positions)."})
-    dataset_size: int | None = field(default=None, metadata={
-        "help": "Declared number of training samples (FastCLIP table size); counted by streaming when unset."})
-
-    def __post_init__(self):
-        checks = [
-            (self.shuffle_buffer >= 0, "shuffle_buffer", "an integer >= 0"),
-            (0.0 <= self.max_bad_fraction <= 1.0, "max_bad_fraction", "a fraction in [0, 1]"),
-            (self.bad_check_min_samples >= 1, "bad_check_min_samples", "an integer >= 1"),
-            (self.min_image_side >= 1, "min_image_side", "an integer >= 1"),
-            (self.max_image_pixels >= 1, "max_image_pixels", "an integer >= 1"),
-            (0.0 < self.augment_min_scale <= 1.0, "augment_min_scale", "a fraction in (0, 1]"),
-            (self.max_text_length is None or self.max_text_length >= 2, "max_text_length", "None or >= 2"),
-            (self.dataset_size is None or self.dataset_size >= 1, "dataset_size", "None or >= 1"),
-        ]
-        for ok, name, expected in checks:
-            if not ok:
-                raise ValueError(f"DataArguments.{name}={getattr(self, name)!r}: expected {expected}")
 
 
 def _text_length(args: DataArguments, tokenizer) -> int:

@@ -27,6 +27,8 @@ IMAGE_COLUMNS = ("image", "jpg", "jpeg", "png", "webp", "img", "image_bytes", "i
 CAPTION_COLUMNS = ("caption", "txt", "text", "captions", "title", "description", "sentence", "alt", "json")
 JSON_CAPTION_KEYS = ("caption", "text", "txt", "title", "description", "alt")
 ID_COLUMNS = ("sample_id", "id", "uid", "key", "image_id", "__key__")
+LABEL_COLUMNS = ("label", "labels", "cls")  # evaluation only: integer class labels (webdataset `.cls` members)
+CLASS_NAME_COLUMNS = ("class_name", "classname")  # evaluation only: the name of each row's class
 WEBDATASET_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 MAX_INT64 = 2**63 - 1
 
@@ -45,19 +47,32 @@ class Columns:
         caption_key: Key of the caption inside a JSON caption column (None: the first of `JSON_CAPTION_KEYS`).
         id: Id column (int or string; strings that are not numbers are hashed), or None (content hash).
         keep: Extra columns copied into the batch (e.g. `label` for zero-shot evaluation).
+        label: Class-label column (evaluation), or None.
+        class_name: Class-name column (evaluation), or None.
     """
 
     image: str
-    caption: str
+    caption: str | None
     caption_key: str | None = None
     id: str | None = None
     keep: tuple[str, ...] = ()
+    label: str | None = None
+    class_name: str | None = None
 
     @property
     def needed(self) -> list[str]:
         """The columns to read, in order, without duplicates."""
-        return list(dict.fromkeys([self.image, self.caption, *([self.id] if self.id else []), *self.keep,
-                                   SHARD_COLUMN]))
+        optional = [name for name in (self.caption, self.id, self.label, self.class_name) if name]
+        return list(dict.fromkeys([self.image, *optional, *self.keep, SHARD_COLUMN]))
+
+    @property
+    def json_caption_keys(self) -> tuple[str, ...] | None:
+        """The keys to read inside a JSON caption column (a `.json` webdataset member or a named key), else None."""
+        if self.caption_key is not None:
+            return (self.caption_key,)
+        if self.caption is not None and self.caption.lower().rsplit(".", 1)[-1] == "json":
+            return JSON_CAPTION_KEYS
+        return None
 
 
 def _pick(available: Sequence[str], candidates: Sequence[str]) -> str | None:
@@ -78,14 +93,16 @@ def _webdataset_image(available: Sequence[str]) -> str | None:
 def detect_columns(
     features: Features | None, column_names: Sequence[str], description: str, image_column: str | None = None,
     caption_column: str | None = None, id_column: str | None = None, keep_columns: Sequence[str] = (),
+    label_column: str | None = None, evaluation: bool = False,
 ) -> Columns:
-    """Find the image, caption and id columns of a source (explicit names win over detection).
+    """Find the image, caption and id columns of a source (explicit names win over detection); for evaluation
+    also the label and class-name columns, and the caption is optional (classification-only data).
 
     `caption_column` may name a key inside a JSON column as `<column>.<key>` (e.g. `json.caption`).
 
     Raises:
-        ValueError: a named column that does not exist, or nothing that looks like an image or a caption; the
-            message lists the available columns.
+        ValueError: a named column that does not exist, or nothing that looks like an image (or, for training, a
+            caption); the message lists the available columns.
     """
     available = [name for name in column_names if name != SHARD_COLUMN]
 
@@ -108,7 +125,7 @@ def detect_columns(
             raise missing("caption", caption_column)
         caption_column, caption_key = column, key
     caption = caption_column or _pick([n for n in available if n != image], CAPTION_COLUMNS)
-    if caption is None:
+    if caption is None and not evaluation:
         raise missing("caption")
     if id_column is not None and id_column not in available:
         raise missing("id", id_column)
@@ -116,7 +133,13 @@ def detect_columns(
     for name in keep_columns:
         if name not in available:
             raise ValueError(f"{description}: column {name!r} to keep not found; available columns: {available}")
-    return Columns(image, caption, caption_key, sample_id, tuple(keep_columns))
+    label = class_name = None
+    if evaluation:
+        if label_column is not None and label_column not in available:
+            raise missing("label", label_column)
+        label = label_column or _pick(available, LABEL_COLUMNS)
+        class_name = _pick(available, CLASS_NAME_COLUMNS)
+    return Columns(image, caption, caption_key, sample_id, tuple(keep_columns), label, class_name)
 
 
 def hash_id(data: bytes) -> int:
@@ -183,6 +206,33 @@ def random_resized_crop_box(
     return left, top, left + w, top + h
 
 
+def read_caption(value, json_keys: Sequence[str] | None = None, rng_for=None) -> str:
+    """The caption text of a raw caption value: a string, UTF-8 bytes, a JSON object (read at `json_keys`) or a
+    list of captions (a random one when `rng_for` gives a generator, else the first).
+
+    Raises:
+        BadSampleError: missing, empty, not UTF-8, or JSON that does not parse.
+    """
+    if json_keys is not None:
+        value = load_json_caption(value, json_keys)
+    if isinstance(value, (list, tuple, np.ndarray)):  # several captions per image (COCO style)
+        if len(value) == 0:
+            raise BadSampleError("caption_missing", "empty caption list")
+        value = value[int(rng_for().integers(len(value)))] if rng_for is not None else value[0]
+    return load_caption(value)
+
+
+def resolve_image_path(value, shard: str | None):
+    """An image path of a captions-file source, resolved against the directory of the file (the shard)."""
+    if not shard:
+        return value
+    if isinstance(value, dict) and not value.get("bytes") and value.get("path"):
+        value = value["path"]
+    if isinstance(value, str) and value and not os.path.isabs(value):
+        return os.path.join(os.path.dirname(shard), value)
+    return value
+
+
 @dataclass
 class DecodedSample:
     """One good sample: an RGB image (already cropped to the output size when augmenting), caption and id."""
@@ -213,10 +263,7 @@ class SampleDecoder:
                  augment_scale: tuple[float, float], seed: int, paths_relative_to_shard: bool, training: bool,
                  jpeg_draft: bool = True):
         self.columns = columns
-        # JSON caption keys to try, when the caption column holds JSON (a `.json` webdataset member or a named key).
-        is_json = columns.caption_key is not None or columns.caption.lower().rsplit(".", 1)[-1] == "json"
-        self.json_caption_keys = ([columns.caption_key] if columns.caption_key else JSON_CAPTION_KEYS) if is_json \
-            else None
+        self.json_caption_keys = columns.json_caption_keys
         self.min_side, self.max_pixels, self.image_size = min_side, max_pixels, image_size
         self.augment, self.augment_scale, self.seed = augment, augment_scale, seed
         self.paths_relative_to_shard, self.training = paths_relative_to_shard, training
@@ -234,22 +281,11 @@ class SampleDecoder:
 
     def caption(self, value, rng_for) -> str:
         """The caption text from a string / bytes / JSON / list value (raises `BadSampleError`)."""
-        if self.json_caption_keys is not None:
-            value = load_json_caption(value, self.json_caption_keys)
-        if isinstance(value, (list, tuple, np.ndarray)):  # several captions per image (COCO style)
-            if len(value) == 0:
-                raise BadSampleError("caption_missing", "empty caption list")
-            value = value[int(rng_for().integers(len(value)))] if self.training else value[0]
-        return load_caption(value)
+        return read_caption(value, self.json_caption_keys, rng_for if self.training else None)
 
     def image_value(self, value, shard: str | None):
         """Resolve relative image paths of captions-file sources against the shard's directory."""
-        if self.paths_relative_to_shard and shard:
-            if isinstance(value, dict) and not value.get("bytes") and value.get("path"):
-                value = value["path"]
-            if isinstance(value, str) and value and not os.path.isabs(value):
-                return os.path.join(os.path.dirname(shard), value)
-        return value
+        return resolve_image_path(value, shard) if self.paths_relative_to_shard else value
 
     def __call__(self, example: dict, epoch: int) -> DecodedSample:
         sample_id = self.sample_id(example)

@@ -169,7 +169,9 @@ def _stream(path: str, kwargs: dict, split: str | tuple[str, ...], description: 
     builder = _with_shard_names(load_dataset_builder(path, **{k: v for k, v in kwargs.items() if v is not None}))
     candidates = (split,) if isinstance(split, str) else split
     available = list(getattr(builder.config, "data_files", None) or builder.info.splits or [])
-    split = next((name for name in candidates if name in available), candidates[0])
+    # The first candidate the data has; data with a single split (e.g. an image folder) is read whole.
+    fallback = available[0] if len(available) == 1 else candidates[0]
+    split = next((name for name in candidates if name in available), fallback)
     try:
         dataset = builder.as_streaming_dataset(split=split)
     except ValueError as error:

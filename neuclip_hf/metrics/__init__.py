@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 RECALL_KS = (1, 5, 10)
-METRICS_DIR = Path(__file__).parent / "metrics"
+METRICS_DIR = Path(__file__).parent  # the `evaluate` modules live in sub-folders of this package
 METRIC_MODULES = {name: METRICS_DIR / name / f"{name}.py" for name in ("zero_shot_classification", "retrieval_recall")}
 
 
