@@ -11,6 +11,17 @@ Per optimizer step (one DDP forward, one backward):
 
 The normaliser's parameters are never in the encoder optimizer, never in the encoder gradient clipping (they never
 hold a `.grad`) and never in DDP's gradient averaging (`NeuCLIPModel.ddp_ignored_state_names`).
+
+Rule for callbacks and Hub code in distributed runs (docs/architecture.md has the details): every rank makes the
+same sequence of collective calls, whatever it logs, evaluates, saves or pushes. So
+- a callback never changes the Trainer's control flags (`should_log`, `should_save`, ...) on one rank only, neither
+  directly nor by calling `trainer.log` on one rank (`on_log` clears `should_log`, and the rank that logged would
+  skip the all-gather of the step's training log that the others enter);
+- work done on the main process only (evaluation, diagnostics, model card, Hub upload) sits between collectives
+  every rank makes: `distributed.main_process_result` hands the main process's result to every rank (log it on
+  every rank, as `Trainer` logs its own evaluation metrics), or a barrier of every rank follows the work;
+- lines logged during a step (a callback's `on_step_end`) come after the step's training line: `NeuCLIPTrainer.log`
+  queues them until that line is logged, so they never cancel it.
 """
 
 from __future__ import annotations
@@ -218,6 +229,7 @@ class NeuCLIPTrainer(HubPushMixin, Trainer):
         self.normalizer_scheduler = None
         self._nonfinite_streak = 0
         self._nonfinite_total = 0
+        self._queued_logs: list[dict[str, float]] = []
         self._reset_metric_accumulators()
         self.add_callback(_AfterOptimizerStep(self))
 
@@ -460,9 +472,28 @@ class NeuCLIPTrainer(HubPushMixin, Trainer):
         return logs
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs and "train_runtime" not in logs:  # a periodic training log
+        """`Trainer.log`, with the lines logged during a step (by callbacks) kept after the step's training line.
+
+        A callback's `on_step_end` runs before the Trainer logs the step (`_maybe_log_save_evaluate`). Logging there
+        would run `on_log`, which clears `control.should_log`: the step's training line would be lost, and on a rank
+        that logged alone the all-gather of that line would be skipped (a deadlock). Such lines are queued and
+        logged right after the training line, where `Trainer` logs its own evaluation metrics.
+        """
+        if "loss" in logs and "train_runtime" not in logs:  # the periodic training line
             logs.update(self._drain_metrics())
-        super().log(logs, start_time)
+            super().log(logs, start_time)
+            queued, self._queued_logs = self._queued_logs, []
+            for line in queued:
+                super().log(line)
+        elif self._training_line_due():
+            self._queued_logs.append(logs)
+        else:
+            super().log(logs, start_time)
+
+    def _training_line_due(self) -> bool:
+        """Whether `_maybe_log_save_evaluate` is about to log this step's training line (its own condition)."""
+        last_logged = getattr(self, "_globalstep_last_logged", self.state.global_step)
+        return self.control.should_log and self.state.global_step > last_logged
 
     # -- checkpoints ----------------------------------------------------------------------------------------------
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:

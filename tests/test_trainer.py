@@ -1,6 +1,7 @@
 """NeuCLIPTrainer: exact resume, step order, optimizer bookkeeping, NaN policy, argument validation."""
 
 import json
+import math
 import os
 import shutil
 
@@ -213,3 +214,23 @@ def test_checkpoint_rotation_keeps_complete_checkpoints(tmp_path):
     marker = json.loads((tmp_path / "checkpoint-6" / MARKER).read_text())
     assert marker == {"complete": True, "global_step": 6, "world_size": 1}
     shutil.rmtree(tmp_path)
+
+
+def test_lines_logged_by_callbacks_keep_the_last_training_line(tmp_path):
+    """A zero-shot evaluation and the normaliser diagnostics log on the last step, which is also a logging step:
+    the step's training line (its loss) stays in the history, first, and the callbacks' lines follow it."""
+    from hub_helpers import build_trainer
+
+    from neuclip_hf.diagnostics import NormaliserDiagnosticsCallback
+
+    trainer, _ = build_trainer(tmp_path / "run", steps=4, logging_steps=2)  # evaluates on every step
+    NormaliserDiagnosticsCallback(trainer.train_dataset.rows, every_steps=2, num_probes=8).attach(trainer)
+    trainer.train()
+    history = trainer.state.log_history
+    assert [entry["step"] for entry in history if "loss" in entry] == [2, 4]
+    assert [entry["step"] for entry in history if "eval_acc1" in entry] == [1, 2, 3, 4]
+    assert [entry["step"] for entry in history if "normaliser_mse" in entry] == [2, 4]
+    last = [entry for entry in history if entry["step"] == 4 and "train_runtime" not in entry]
+    assert ["loss" in last[0], "eval_acc1" in last[1], "normaliser_mse" in last[2]] == [True, True, True]
+    assert math.isfinite(last[0]["loss"]) and trainer.control.should_log is False
+
