@@ -37,7 +37,7 @@ from transformers.optimization import get_scheduler
 from transformers.trainer_utils import rotate_checkpoints
 from transformers.utils import logging
 
-from .checkpointing import resolve_resume_checkpoint, write_marker
+from .checkpointing import marker_global_step, resolve_resume_checkpoint, write_marker
 from .distributed import rank_and_world_size
 from .hub import NORMALIZER_WEIGHTS_NAME, RetryPolicy, is_peft_model, load_normalizer, save_normalizer
 from .images import BAD_SAMPLE_REASONS
@@ -128,6 +128,13 @@ class NeuCLIPTrainingArguments(TrainingArguments):
                 "which neuclip_hf never uploads. Use every_save (the model files of each save) or end."
             )
         RetryPolicy(self.hub_push_attempts, self.hub_push_backoff)  # validates both values
+
+
+def checkpoint_map_location(device: torch.device, world_size: int) -> torch.device | str:
+    """Where a checkpointed optimizer state is loaded, as `Trainer` loads its own optimizer: straight onto each
+    rank's accelerator in a distributed run, else the CPU (`optimizer.load_state_dict` then moves the state next to
+    its parameters). Never an indexed CPU device: torch cannot restore storages onto `cpu:0`."""
+    return device if world_size > 1 and device.type != "cpu" else "cpu"
 
 
 class TemperatureThresholdLR:
@@ -265,7 +272,7 @@ class NeuCLIPTrainer(HubPushMixin, Trainer):
             rank, world_size = rank_and_world_size()
             path = os.path.join(self._resume_checkpoint, DATA_STATE_NAME.format(rank=rank))
             if os.path.isfile(path):
-                loader.load_state_dict(torch.load(path, weights_only=True))
+                loader.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))  # a position: CPU
                 # The stream resumes from its saved position: the Trainer must not also skip batches, and the RNG
                 # state is restored at the first step, after the Trainer has created the data iterator (creating
                 # it draws from the global RNG).
@@ -516,7 +523,8 @@ class NeuCLIPTrainer(HubPushMixin, Trainer):
         if not os.path.isfile(path):
             logger.warning(f"{path} not found: the normaliser's optimizer starts from a fresh state")
             return
-        state = torch.load(path, map_location=self.args.device, weights_only=True)
+        location = checkpoint_map_location(self.args.device, self.args.world_size)
+        state = torch.load(path, map_location=location, weights_only=True)
         normalizer.optimizer.load_state_dict(state["optimizer"])
         if self.normalizer_scheduler is not None and "scheduler" in state:
             self.normalizer_scheduler.load_state_dict(state["scheduler"])
@@ -560,7 +568,9 @@ class NeuCLIPTrainer(HubPushMixin, Trainer):
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
         """`Trainer.train`, resuming only from complete checkpoints (`True` picks the newest complete one)."""
         self._resume_checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir)
-        if self._resume_checkpoint is not None:
-            logger.info(f"Resuming from {self._resume_checkpoint}")
+        if self._resume_checkpoint is not None and self.is_world_process_zero():
+            # The path as the user gave it (or under the --output_dir they gave): no path is made absolute.
+            step = marker_global_step(self._resume_checkpoint)
+            logger.warning(f"Resuming from {self._resume_checkpoint} (step {step})")
         return super().train(resume_from_checkpoint=self._resume_checkpoint, **kwargs)
 

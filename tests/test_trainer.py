@@ -1,6 +1,7 @@
 """NeuCLIPTrainer: exact resume, step order, optimizer bookkeeping, NaN policy, argument validation."""
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -12,7 +13,7 @@ from helpers import OBJECTIVES
 from trainer_helpers import PairDataset, assert_same_final_state, make_trainer
 
 from neuclip_hf.checkpointing import MARKER, is_complete_checkpoint
-from neuclip_hf.trainer import NORMALIZER_STATE_NAME, NeuCLIPTrainingArguments
+from neuclip_hf.trainer import NORMALIZER_STATE_NAME, NeuCLIPTrainingArguments, checkpoint_map_location
 
 
 @pytest.mark.parametrize("streaming", [False, True], ids=["map_dataset", "stateful_stream"])
@@ -234,3 +235,19 @@ def test_lines_logged_by_callbacks_keep_the_last_training_line(tmp_path):
     assert ["loss" in last[0], "eval_acc1" in last[1], "normaliser_mse" in last[2]] == [True, True, True]
     assert math.isfinite(last[0]["loss"]) and trainer.control.should_log is False
 
+
+def test_resume_names_its_checkpoint_and_step(tmp_path, monkeypatch, caplog):
+    monkeypatch.chdir(tmp_path)  # a relative --output_dir, as typed by a user, stays relative in the message
+    make_trainer("clip", "run", 2, save_steps=1).train()
+    with caplog.at_level(logging.WARNING, logger="neuclip_hf.trainer"):
+        make_trainer("clip", "run", 3, save_steps=1).train(resume_from_checkpoint=True)
+    messages = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Resuming from")]
+    assert messages == [f"Resuming from {os.path.join('run', 'checkpoint-2')} (step 2)"]
+
+
+def test_checkpoint_map_location_never_names_an_indexed_cpu():
+    # What Trainer does for its own optimizer: each GPU rank loads onto its device, everything else onto "cpu".
+    assert checkpoint_map_location(torch.device("cpu", 0), 2) == "cpu"  # torch cannot restore onto "cpu:0"
+    assert checkpoint_map_location(torch.device("cpu"), 1) == "cpu"
+    assert checkpoint_map_location(torch.device("cuda", 1), 2) == torch.device("cuda", 1)
+    assert checkpoint_map_location(torch.device("cuda", 0), 1) == "cpu"  # one GPU: via the CPU, as Trainer does
