@@ -20,10 +20,12 @@ import pytest
 import torch
 from fake_hub import hub_env, module_hub  # noqa: F401  (pytest fixture)
 from helpers import launch_two_processes
+from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 
 from neuclip_hf.checkpointing import is_complete_checkpoint
 from neuclip_hf.default_data import prepare_default_data
+from neuclip_hf.model_card import CLASSIFICATION_METRICS
 
 pytestmark = pytest.mark.slow
 
@@ -107,8 +109,9 @@ def test_push_to_hub_from_two_processes(workdir, module_hub):  # noqa: F811
     remote = load_file(repo / "model.safetensors")
     assert local.keys() == remote.keys() and all(torch.equal(local[k], remote[k]) for k in local)
     final_acc1 = json.loads((workdir / "pushed" / "eval_results.json").read_text())["eval"]["acc1"]
-    assert f"{final_acc1}" in (repo / "README.md").read_text() or f"{100 * final_acc1:.2f}" in (
-        repo / "README.md").read_text()
+    metric_type = CLASSIFICATION_METRICS["acc1"][0]
+    card = ModelCard.load(repo / "README.md")
+    assert [r.metric_value for r in card.data.eval_results if r.metric_type == metric_type] == [round(final_acc1, 6)]
     assert len(module_hub.commits["user/two-processes"]) >= 2  # at least one background push, then the final one
 
 
