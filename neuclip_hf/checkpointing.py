@@ -35,6 +35,11 @@ def write_marker(path: str | os.PathLike, global_step: int, world_size: int) -> 
     os.replace(tmp, path / MARKER)
 
 
+def marker_global_step(path: str | os.PathLike) -> int:
+    """The optimizer step a complete checkpoint was written at (from its marker)."""
+    return int(json.loads((Path(path) / MARKER).read_text())["global_step"])
+
+
 def checkpoint_dirs(output_dir: str | os.PathLike) -> list[Path]:
     """`checkpoint-<step>` directories of a run, oldest first."""
     output_dir = Path(output_dir)

@@ -20,6 +20,8 @@ import torch
 from transformers import TrainerCallback
 
 from .data import build_eval_dataloader
+from .distributed import main_process_result
+from .evaluation import log_callback_metrics
 from .modeling_neuclip import unwrap_model
 from .normalizers import InBatchNormalizer, NormalizerEstimator, find_normalizer
 from .objectives import NormalizerInputs, log_eps_plus
@@ -155,7 +157,8 @@ class NormalizerDiagnosticsCallback(TrainerCallback):
     It embeds a reference pool (preprocessed training pairs with their sample ids) with the current encoders,
     computes the exact alpha* of the first `num_probes` pairs against the whole pool, asks the normalizer for its
     estimate of the same anchors in training-size batches, and logs `normalizer_mse` (and per direction, bias),
-    together with the error of the plain in-batch estimate for comparison (`normalizer_in_batch_mse`).
+    together with the error of the plain in-batch estimate for comparison (`normalizer_in_batch_mse`). In a
+    distributed run the main process measures and every rank logs the same line.
 
     Args:
         pool: dict with `pixel_values`, `input_ids`, `attention_mask` (optional) and `sample_ids` tensors.
@@ -177,15 +180,16 @@ class NormalizerDiagnosticsCallback(TrainerCallback):
         return self
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        if state.global_step % self.every_steps == 0 and state.is_world_process_zero and model is not None:
-            metrics = self.measure(model, batch_size=self.batch_size or args.per_device_train_batch_size
-                                   * max(args.world_size, 1))
-            self.history.append({"step": state.global_step, **metrics})
-            logs = {f"normalizer_{k}": v for k, v in metrics.items()}
-            if self.trainer is not None:
-                self.trainer.log(logs)
-            else:
-                state.log_history.append({**logs, "step": state.global_step})
+        if state.global_step % self.every_steps != 0 or model is None:
+            return
+        # The main process measures while the other ranks wait for its numbers; every rank then logs the same line
+        # (docs/architecture.md, "Rules for callbacks in distributed runs").
+        batch_size = self.batch_size or args.per_device_train_batch_size * max(args.world_size, 1)
+        metrics = main_process_result(lambda: self.measure(model, batch_size=batch_size), state.is_world_process_zero)
+        if metrics is None:  # a state that is not the main process's, outside a process group
+            return
+        self.history.append({"step": state.global_step, **metrics})
+        log_callback_metrics(self.trainer, state, {f"normalizer_{k}": v for k, v in metrics.items()})
 
     @torch.no_grad()
     def measure(self, model, batch_size: int) -> dict[str, float]:

@@ -8,6 +8,8 @@ result equals the gradient of the mean of the per-rank losses, i.e. of the full-
 
 from __future__ import annotations
 
+from typing import Callable, TypeVar
+
 import torch
 import torch.distributed as dist
 import torch.distributed.nn  # noqa: F401  (registers torch.distributed.nn.functional, used as a fallback)
@@ -16,6 +18,8 @@ try:  # torch >= 2.6: the non-deprecated autograd-aware gather
     from torch.distributed._functional_collectives import all_gather_single_autograd as _ag_autograd
 except ImportError:  # pragma: no cover - older torch
     _ag_autograd = None
+
+T = TypeVar("T")
 
 
 def is_distributed() -> bool:
@@ -93,6 +97,29 @@ def broadcast_(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
     if is_distributed():
         dist.broadcast(tensor, src=src)
     return tensor
+
+
+def main_process_result(compute: Callable[[], T], is_main: bool | None = None) -> T | None:
+    """Run `compute` on the main process only and hand its (picklable) result to every process.
+
+    A collective: every rank must call it at the same point, whatever it logs, evaluates or saves. The other ranks
+    wait in the broadcast of the result, so the main process's work sits between two collectives that every rank
+    makes (the last one before the call and this broadcast) and no rank runs ahead into a different collective.
+    The wait is bounded by the process group's timeout (`--ddp_timeout`, 30 minutes by default).
+
+    Args:
+        compute: The main process's work, e.g. an evaluation returning a dict of metrics.
+        is_main: Whether this process is the main one (default: rank 0); in a process group it must be rank 0.
+
+    Returns:
+        `compute()`'s result on every rank; without a process group, None when `is_main` is False.
+    """
+    if is_main is None:
+        is_main = rank_and_world_size()[0] == 0
+    result = [compute() if is_main else None]
+    if is_distributed():
+        dist.broadcast_object_list(result, src=0)
+    return result[0]
 
 
 @torch.no_grad()

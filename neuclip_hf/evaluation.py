@@ -27,6 +27,7 @@ import torch
 from transformers import AutoModel, AutoProcessor, TrainerCallback
 
 from .data.eval_data import EvalData, as_eval_data
+from .distributed import main_process_result
 from .images import BadSampleError, load_image
 from .metrics import RECALL_KS, classification_metrics, retrieval_metrics
 from .zero_shot import (
@@ -224,12 +225,24 @@ class ZeroShotEvaluator:
         return [str(mapping[label]) for label in range(max(labels) + 1)]
 
 
+def log_callback_metrics(trainer, state, logs: dict[str, float]) -> None:
+    """Log a callback's metrics through `trainer.log` (every `report_to` integration sees them), or append them to
+    `state.log_history` without a trainer. Call it on every rank with the same `logs` (see `main_process_result`)."""
+    if trainer is not None:
+        trainer.log(logs)
+    else:
+        state.log_history.append({**logs, "step": state.global_step})
+
+
 class ZeroShotEvalCallback(TrainerCallback):
     """Run a `ZeroShotEvaluator` every `eval_steps` optimizer steps and at the end of training.
 
     The metrics are logged through the Trainer (`trainer.log`, so every `report_to` integration sees them) with
-    the prefix `eval_`; without an attached trainer they are appended to `state.log_history`. Evaluation runs on
-    the main process only (other ranks continue to the next collective and wait there).
+    the prefix `eval_`; without an attached trainer they are appended to `state.log_history`. In a distributed run
+    the main process evaluates while the other ranks wait for its metrics, then every rank records and logs the
+    same line, so every rank makes the same calls and takes the same control decisions (docs/architecture.md,
+    "Rules for callbacks in distributed runs"). `NeuCLIPTrainer` logs the line after the step's training line; a
+    plain `Trainer` then skips that step's training line on every rank (its `on_log` clears `should_log`).
 
     Args:
         evaluator: The evaluator to run.
@@ -277,19 +290,21 @@ class ZeroShotEvalCallback(TrainerCallback):
             self.evaluate(model, state, processing_class)
 
     def evaluate(self, model: torch.nn.Module, state, processing_class=None) -> dict[str, float] | None:
-        """Evaluate now (main process only), record and log the metrics; returns them (None on other ranks)."""
+        """Evaluate now on the main process, record and log the metrics on every rank; returns them.
+
+        A collective in a distributed run: every rank calls it at the same step (the events above do).
+        Returns None only for a state that is not the main process's outside a process group.
+        """
         self._last_step = state.global_step
-        if not state.is_world_process_zero or model is None:
+        if model is None:
             return None
         if self.evaluator.processor is None:
             self.evaluator.processor = processing_class
-        metrics = self.evaluator(model)
+        metrics = main_process_result(lambda: self.evaluator(model), state.is_world_process_zero)
+        if metrics is None:
+            return None
         self._record(metrics, state.global_step)
-        logs = {f"{self.prefix}{name}": value for name, value in metrics.items()}
-        if self.trainer is not None:
-            self.trainer.log(logs)
-        else:
-            state.log_history.append({**logs, "step": state.global_step})
+        log_callback_metrics(self.trainer, state, {f"{self.prefix}{name}": value for name, value in metrics.items()})
         return metrics
 
     def _record(self, metrics: dict[str, float], step: int) -> None:

@@ -11,6 +11,17 @@ Per optimizer step (one DDP forward, one backward):
 
 The normalizer's parameters are never in the encoder optimizer, never in the encoder gradient clipping (they never
 hold a `.grad`) and never in DDP's gradient averaging (`NeuCLIPModel.ddp_ignored_state_names`).
+
+Rule for callbacks and Hub code in distributed runs (docs/architecture.md has the details): every rank makes the
+same sequence of collective calls, whatever it logs, evaluates, saves or pushes. So
+- a callback never changes the Trainer's control flags (`should_log`, `should_save`, ...) on one rank only, neither
+  directly nor by calling `trainer.log` on one rank (`on_log` clears `should_log`, and the rank that logged would
+  skip the all-gather of the step's training log that the others enter);
+- work done on the main process only (evaluation, diagnostics, model card, Hub upload) sits between collectives
+  every rank makes: `distributed.main_process_result` hands the main process's result to every rank (log it on
+  every rank, as `Trainer` logs its own evaluation metrics), or a barrier of every rank follows the work;
+- lines logged during a step (a callback's `on_step_end`) come after the step's training line: `NeuCLIPTrainer.log`
+  queues them until that line is logged, so they never cancel it.
 """
 
 from __future__ import annotations
@@ -26,7 +37,7 @@ from transformers.trainer_utils import rotate_checkpoints
 from transformers.utils import logging
 
 from .arguments import NeuCLIPTrainingArguments
-from .checkpointing import resolve_resume_checkpoint, write_marker
+from .checkpointing import marker_global_step, resolve_resume_checkpoint, write_marker
 from .distributed import rank_and_world_size
 from .hub import NORMALIZER_WEIGHTS_NAME, RetryPolicy, load_normalizer, save_normalizer
 from .images import BAD_SAMPLE_REASONS
@@ -39,6 +50,13 @@ logger = logging.get_logger(__name__)
 
 NORMALIZER_STATE_NAME = "normalizer_optimizer.pt"
 DATA_STATE_NAME = "data_state_rank{rank}.pt"
+
+
+def checkpoint_map_location(device: torch.device, world_size: int) -> torch.device | str:
+    """Where a checkpointed optimizer state is loaded, as `Trainer` loads its own optimizer: straight onto each
+    rank's accelerator in a distributed run, else the CPU (`optimizer.load_state_dict` then moves the state next to
+    its parameters). Never an indexed CPU device: torch cannot restore storages onto `cpu:0`."""
+    return device if world_size > 1 and device.type != "cpu" else "cpu"
 
 
 class TemperatureThresholdLR:
@@ -140,6 +158,7 @@ class NeuCLIPTrainer(HubPushMixin, Trainer):
         self.normalizer_scheduler = None
         self._nonfinite_streak = 0
         self._nonfinite_total = 0
+        self._queued_logs: list[dict[str, float]] = []
         self._reset_metric_accumulators()
         self.add_callback(_AfterOptimizerStep(self))
 
@@ -174,7 +193,7 @@ class NeuCLIPTrainer(HubPushMixin, Trainer):
             rank, world_size = rank_and_world_size()
             path = os.path.join(self._resume_checkpoint, DATA_STATE_NAME.format(rank=rank))
             if os.path.isfile(path):
-                loader.load_state_dict(torch.load(path, weights_only=True))
+                loader.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))  # a position: CPU
                 # The stream resumes from its saved position: the Trainer must not also skip batches, and the RNG
                 # state is restored at the first step, after the Trainer has created the data iterator (creating
                 # it draws from the global RNG).
@@ -379,9 +398,28 @@ class NeuCLIPTrainer(HubPushMixin, Trainer):
         return logs
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs and "train_runtime" not in logs:  # a periodic training log
+        """`Trainer.log`, with the lines logged during a step (by callbacks) kept after the step's training line.
+
+        A callback's `on_step_end` runs before the Trainer logs the step (`_maybe_log_save_evaluate`). Logging there
+        would run `on_log`, which clears `control.should_log`: the step's training line would be lost, and on a rank
+        that logged alone the all-gather of that line would be skipped (a deadlock). Such lines are queued and
+        logged right after the training line, where `Trainer` logs its own evaluation metrics.
+        """
+        if "loss" in logs and "train_runtime" not in logs:  # the periodic training line
             logs.update(self._drain_metrics())
-        super().log(logs, start_time)
+            super().log(logs, start_time)
+            queued, self._queued_logs = self._queued_logs, []
+            for line in queued:
+                super().log(line)
+        elif self._training_line_due():
+            self._queued_logs.append(logs)
+        else:
+            super().log(logs, start_time)
+
+    def _training_line_due(self) -> bool:
+        """Whether `_maybe_log_save_evaluate` is about to log this step's training line (its own condition)."""
+        last_logged = getattr(self, "_globalstep_last_logged", self.state.global_step)
+        return self.control.should_log and self.state.global_step > last_logged
 
     # -- checkpoints ----------------------------------------------------------------------------------------------
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
@@ -404,7 +442,8 @@ class NeuCLIPTrainer(HubPushMixin, Trainer):
         if not os.path.isfile(path):
             logger.warning(f"{path} not found: the normalizer's optimizer starts from a fresh state")
             return
-        state = torch.load(path, map_location=self.args.device, weights_only=True)
+        location = checkpoint_map_location(self.args.device, self.args.world_size)
+        state = torch.load(path, map_location=location, weights_only=True)
         normalizer.optimizer.load_state_dict(state["optimizer"])
         if self.normalizer_scheduler is not None and "scheduler" in state:
             self.normalizer_scheduler.load_state_dict(state["scheduler"])
@@ -446,8 +485,10 @@ class NeuCLIPTrainer(HubPushMixin, Trainer):
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
         """`Trainer.train`, resuming only from complete checkpoints (`True` picks the newest complete one)."""
         self._resume_checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir)
-        if self._resume_checkpoint is not None:
-            logger.info(f"Resuming from {self._resume_checkpoint}")
+        if self._resume_checkpoint is not None and self.is_world_process_zero():
+            # The path as the user gave it (or under the --output_dir they gave): no path is made absolute.
+            step = marker_global_step(self._resume_checkpoint)
+            logger.warning(f"Resuming from {self._resume_checkpoint} (step {step})")
         return super().train(resume_from_checkpoint=self._resume_checkpoint, **kwargs)
 
 

@@ -10,7 +10,11 @@ the end), with these differences:
   `all_checkpoints` hub strategies are refused;
 - Hub calls are retried with backoff (`--hub_push_attempts`, `--hub_push_backoff`); the final push raises
   `hub.HubPushError` when it still fails, while a failed background push only logs a warning. The local files
-  are never modified by a push.
+  are never modified by a push;
+- in a distributed run every rank makes the same collective calls (docs/architecture.md): the repository is created
+  on the main process and its id handed to every rank, and `push_to_hub` returns on every rank once the main
+  process has uploaded (or, not blocking, started the upload). A background push (`every_save`) is main-process
+  work inside the checkpoint save, which ends with a barrier of every rank (`NeuCLIPTrainer._save_checkpoint`).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from huggingface_hub import get_token
 from transformers.utils import logging
 from transformers.utils.hub import PushInProgress, hf_api
 
+from .distributed import main_process_result
 from .evaluation import ZeroShotEvalCallback
 from .hub import HubPushError, RetryPolicy, call_with_retry, upload_folder
 from .lora import lora_summary
@@ -46,15 +51,21 @@ class HubPushMixin:
         return token or self.args.hub_token or get_token()
 
     def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
-        """Create the repository (retried on transient failures; `HubPushError` if it cannot be created)."""
-        if not self.is_world_process_zero():
-            return
+        """Create the repository (retried on transient failures; `HubPushError` if it cannot be created).
+
+        Called on every rank: the main process creates it and every rank gets its id, so that later decisions
+        (`push_to_hub` creates the repository when `hub_model_id` is None) are the same on every rank.
+        """
         repo_name = self.args.hub_model_id or Path(self.args.output_dir).absolute().name
         token = token if token is not None else self.args.hub_token
         private = private if private is not None else self.args.hub_private_repo
-        url = call_with_retry(lambda: hf_api().create_repo(repo_name, token=token, private=private, exist_ok=True),
-                              "repository creation", repo_name, self.hub_retry, secret=self._secret(token))
-        self.hub_model_id = url.repo_id
+
+        def create() -> str:
+            url = call_with_retry(lambda: hf_api().create_repo(repo_name, token=token, private=private, exist_ok=True),
+                                  "repository creation", repo_name, self.hub_retry, secret=self._secret(token))
+            return url.repo_id
+
+        self.hub_model_id = main_process_result(create, self.is_world_process_zero())
         self.push_in_progress = None
 
     def create_model_card(self, training_data: str | None = None, finetuned_from: str | None = None,
@@ -108,7 +119,8 @@ class HubPushMixin:
             **kwargs: For `create_model_card` (`training_data`, `finetuned_from`, `license`, `tags`, ...).
 
         Returns:
-            The `CommitInfo` (a `Future` of it when not blocking); None on processes other than the main one.
+            The `CommitInfo` (a `Future` of it when not blocking); None on processes other than the main one, which
+            wait for the main process's upload (or its start, when not blocking).
 
         Raises:
             hub.HubPushError: the upload failed after its retries; `output_dir` holds the complete saved model.
@@ -118,10 +130,6 @@ class HubPushMixin:
         if self.hub_model_id is None:
             self.init_hf_repo(token=token, private=private)
         self.save_model(_internal_call=True)  # every rank: the save may need collectives
-        if not self.is_world_process_zero():
-            return None
-        self.create_model_card(**kwargs)
-        self._finish_current_push()  # an earlier background push must not race with this one
 
         def push():
             return upload_folder(self.args.output_dir, self.hub_model_id, token=token,
@@ -129,7 +137,13 @@ class HubPushMixin:
                                  commit_message=commit_message or "End of training", retry=self.hub_retry,
                                  api=hf_api(), create_repo=False)
 
-        return push() if blocking else hf_api().run_as_future(push)
+        result = None
+        if self.is_world_process_zero():
+            self.create_model_card(**kwargs)
+            self._finish_current_push()  # an earlier background push must not race with this one
+            result = push() if blocking else hf_api().run_as_future(push)
+        self.accelerator.wait_for_everyone()  # the main process's card and upload sit between matching barriers
+        return result
 
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
         """`hub_strategy="every_save"`: push the model files of the new checkpoint in the background."""

@@ -1,7 +1,13 @@
-"""Tiny models and batches shared by the tests (import after conftest has made the Hub offline)."""
+"""Tiny models and batches shared by the tests (import after conftest has made the Hub offline), and the 2-process
+`accelerate launch` runner of the multi-process tests."""
 
+import os
 import socket
+import subprocess
+import sys
 
+import psutil
+import pytest
 import torch
 
 from neuclip_hf import NeuCLIPConfig
@@ -46,3 +52,46 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# Two CPU processes over gloo (`--cpu --num_processes 2` would silently run one).
+TWO_CPU_PROCESSES = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                     "--mixed_precision", "no", "--dynamo_backend", "no"]
+
+
+def launch_two_processes(script_and_args: list, timeout: float, cwd=None, env: dict | None = None
+                         ) -> subprocess.CompletedProcess:
+    """Run `accelerate launch` with 2 CPU processes; a run that outlives `timeout` seconds FAILS the test.
+
+    A hang (ranks waiting in different collectives) is the failure this guards against: on timeout the launcher and
+    every process below it are killed (the workers run in their own sessions, so killing the launcher's process
+    group would leave them behind), and the test fails with the captured output. The exit code is the caller's
+    to assert.
+
+    Args:
+        script_and_args: The script and its arguments.
+        timeout: Seconds before the run counts as hung.
+        cwd: Working directory of the launch.
+        env: The environment (default: this process's); `ACCELERATE_USE_CPU` and `OMP_NUM_THREADS` are set on it.
+    """
+    env = {**(os.environ if env is None else env), "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, *TWO_CPU_PROCESSES, "--main_process_port", str(free_port()), *map(str, script_and_args)]
+    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        try:
+            launcher = psutil.Process(process.pid)
+            tree = [launcher, *launcher.children(recursive=True)]
+        except psutil.NoSuchProcess:  # it ended in the meantime
+            tree = []
+        for member in tree:
+            try:
+                member.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(tree, timeout=30)
+        stdout, stderr = process.communicate()
+        pytest.fail(f"`accelerate launch` did not finish within {timeout:.0f} s and was killed (a hang: ranks in "
+                    f"different collectives?)\n--- stdout ---\n{stdout[-3000:]}\n--- stderr ---\n{stderr[-8000:]}")
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)

@@ -4,13 +4,12 @@ streaming loader and its workers, argument errors, and 2 processes under `accele
 import json
 import math
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import free_port
+from helpers import launch_two_processes
 from transformers import AutoProcessor
 
 from neuclip_hf import NeuCLIPModel
@@ -30,6 +29,7 @@ def default_data():
     prepare_default_data()  # the real cache (scripts/setup.sh prepares it; first use otherwise)
 
 
+@pytest.mark.slow  # a recipe run
 def test_short_default_run_learns_zero_shot_and_saves_a_loadable_model(tmp_path):
     out = tmp_path / "run"
     summary = train_recipe.main([CONFIG, "--output_dir", str(out), "--max_steps", "80", "--save_steps", "40",
@@ -56,7 +56,7 @@ def test_short_default_run_learns_zero_shot_and_saves_a_loadable_model(tmp_path)
     assert first["normalizer_mse"] < 0.25, first
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # recipe runs
 @pytest.mark.parametrize("objective", ["neuclip", "fastclip"])
 def test_recipe_resume_through_streaming_workers_is_exact(tmp_path, objective):
     common = [CONFIG, "--objective", objective, "--max_steps", "6", "--save_steps", "3",
@@ -92,18 +92,15 @@ def test_bad_recipe_arguments_fail_before_training(tmp_path, extra, message):
     assert not (tmp_path / "run" / "checkpoint-1").exists()
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # a 2-process run
 def test_two_process_recipe_run(tmp_path):
     """`accelerate launch` with 2 CPU processes: each rank streams its own shards; both ranks checkpoint their
     data position and end with the same weights."""
     out = tmp_path / "ddp"
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(free_port()), str(ROOT / "recipes" / "train.py"), CONFIG,
-               "--output_dir", str(out), "--max_steps", "4", "--save_steps", "4", "--per_device_train_batch_size",
-               "16", "--eval_max_samples", "64", "--dataloader_num_workers", "0", *FAST]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    command = [ROOT / "recipes" / "train.py", CONFIG, "--output_dir", out, "--max_steps", "4", "--save_steps", "4",
+               "--per_device_train_batch_size", "16", "--eval_max_samples", "64", "--dataloader_num_workers", "0",
+               *FAST]
+    done = launch_two_processes(command, timeout=600, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     checkpoint = out / "checkpoint-4"
     marker = json.loads((checkpoint / "neuclip_checkpoint.json").read_text())

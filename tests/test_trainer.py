@@ -1,6 +1,8 @@
 """NeuCLIPTrainer: exact resume, step order, optimizer bookkeeping, NaN policy, argument validation."""
 
 import json
+import logging
+import math
 import os
 import shutil
 
@@ -11,7 +13,7 @@ from helpers import OBJECTIVES
 from trainer_helpers import PairDataset, assert_same_final_state, make_trainer
 
 from neuclip_hf.checkpointing import MARKER, is_complete_checkpoint
-from neuclip_hf.trainer import NORMALIZER_STATE_NAME, NeuCLIPTrainingArguments
+from neuclip_hf.trainer import NORMALIZER_STATE_NAME, NeuCLIPTrainingArguments, checkpoint_map_location
 
 
 @pytest.mark.parametrize("streaming", [False, True], ids=["map_dataset", "stateful_stream"])
@@ -213,3 +215,39 @@ def test_checkpoint_rotation_keeps_complete_checkpoints(tmp_path):
     marker = json.loads((tmp_path / "checkpoint-6" / MARKER).read_text())
     assert marker == {"complete": True, "global_step": 6, "world_size": 1}
     shutil.rmtree(tmp_path)
+
+
+def test_lines_logged_by_callbacks_keep_the_last_training_line(tmp_path):
+    """A zero-shot evaluation and the normalizer diagnostics log on the last step, which is also a logging step:
+    the step's training line (its loss) stays in the history, first, and the callbacks' lines follow it."""
+    from hub_helpers import build_trainer
+
+    from neuclip_hf.diagnostics import NormalizerDiagnosticsCallback
+
+    trainer, _ = build_trainer(tmp_path / "run", steps=4, logging_steps=2)  # evaluates on every step
+    NormalizerDiagnosticsCallback(trainer.train_dataset.rows, every_steps=2, num_probes=8).attach(trainer)
+    trainer.train()
+    history = trainer.state.log_history
+    assert [entry["step"] for entry in history if "loss" in entry] == [2, 4]
+    assert [entry["step"] for entry in history if "eval_acc1" in entry] == [1, 2, 3, 4]
+    assert [entry["step"] for entry in history if "normalizer_mse" in entry] == [2, 4]
+    last = [entry for entry in history if entry["step"] == 4 and "train_runtime" not in entry]
+    assert ["loss" in last[0], "eval_acc1" in last[1], "normalizer_mse" in last[2]] == [True, True, True]
+    assert math.isfinite(last[0]["loss"]) and trainer.control.should_log is False
+
+
+def test_resume_names_its_checkpoint_and_step(tmp_path, monkeypatch, caplog):
+    monkeypatch.chdir(tmp_path)  # a relative --output_dir, as typed by a user, stays relative in the message
+    make_trainer("clip", "run", 2, save_steps=1).train()
+    with caplog.at_level(logging.WARNING, logger="neuclip_hf.trainer"):
+        make_trainer("clip", "run", 3, save_steps=1).train(resume_from_checkpoint=True)
+    messages = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Resuming from")]
+    assert messages == [f"Resuming from {os.path.join('run', 'checkpoint-2')} (step 2)"]
+
+
+def test_checkpoint_map_location_never_names_an_indexed_cpu():
+    # What Trainer does for its own optimizer: each GPU rank loads onto its device, everything else onto "cpu".
+    assert checkpoint_map_location(torch.device("cpu", 0), 2) == "cpu"  # torch cannot restore onto "cpu:0"
+    assert checkpoint_map_location(torch.device("cpu"), 1) == "cpu"
+    assert checkpoint_map_location(torch.device("cuda", 1), 2) == torch.device("cuda", 1)
+    assert checkpoint_map_location(torch.device("cuda", 0), 1) == "cpu"  # one GPU: via the CPU, as Trainer does

@@ -7,26 +7,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import free_port
+from helpers import launch_two_processes
 
 pytestmark = pytest.mark.slow  # slow tier: multi-process runs
 
 SCRIPT = Path(__file__).parent / "scripts" / "train_two_ranks.py"
 OBJECTIVES = ["neuclip", "fastclip"]
 
+pytestmark = pytest.mark.slow  # a 2-process run
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(free_port()), str(SCRIPT), "--out", str(out / "two"), "--objectives", *OBJECTIVES,
-    ]
     (out / "two").mkdir()
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    done = launch_two_processes([SCRIPT, "--out", out / "two", "--objectives", *OBJECTIVES], timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     (out / "one").mkdir()
     one = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out / "one"), "--objectives", *OBJECTIVES],
