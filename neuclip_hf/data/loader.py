@@ -33,6 +33,7 @@ from datasets.distributed import split_dataset_by_node
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from ..images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, BadSampleError
+from .counting import count_from_metadata
 from .samples import BadSampleCounter, BatchEncoder, Columns, SampleDecoder, detect_columns, image_size_of
 from .sources import EVAL_SPLITS, SHARD_COLUMN, Source, open_source
 
@@ -92,10 +93,21 @@ class DataArguments:
     max_text_length: int | None = field(default=None, metadata={
         "help": "Tokens per caption, start/end included (default: the tokenizer's model_max_length, which the "
                 "trainer sets to the model's max positions)."})
+    train_num_samples: int | None = field(default=None, metadata={
+        "help": "Training-set size n: one epoch is n samples seen (FastCLIP's table size, AmorLIP's epochs, "
+                "epoch-based rho schedules, the logged epoch). Unset: counted once from parquet footers / "
+                "webdataset tar headers (cached), or taken from the Hub dataset's metadata."})
     dataset_size: int | None = field(default=None, metadata={
-        "help": "Declared number of training samples (FastCLIP table size); counted by streaming when unset."})
+        "help": "Deprecated alias of --train_num_samples."})
 
     def __post_init__(self):
+        if self.dataset_size is not None:
+            warnings.warn("--dataset_size is deprecated: use --train_num_samples (the same number of training "
+                          "samples)", FutureWarning, stacklevel=2)
+            if self.train_num_samples not in (None, self.dataset_size):
+                raise ValueError(f"--dataset_size={self.dataset_size} and --train_num_samples="
+                                 f"{self.train_num_samples} disagree; give only --train_num_samples")
+            self.train_num_samples = self.dataset_size
         checks = [
             (self.shuffle_buffer >= 0, "shuffle_buffer", "an integer >= 0"),
             (0.0 <= self.max_bad_fraction <= 1.0, "max_bad_fraction", "a fraction in [0, 1]"),
@@ -104,7 +116,7 @@ class DataArguments:
             (self.max_image_pixels >= 1, "max_image_pixels", "an integer >= 1"),
             (0.0 < self.augment_min_scale <= 1.0, "augment_min_scale", "a fraction in (0, 1]"),
             (self.max_text_length is None or self.max_text_length >= 2, "max_text_length", "None or >= 2"),
-            (self.dataset_size is None or self.dataset_size >= 1, "dataset_size", "None or >= 1"),
+            (self.train_num_samples is None or self.train_num_samples >= 1, "train_num_samples", "None or >= 1"),
         ]
         for ok, name, expected in checks:
             if not ok:
@@ -391,14 +403,38 @@ def build_eval_dataloader(args: DataArguments, processor, batch_size: int, num_w
                   seed=0, training=False, keep_columns=tuple(keep_columns))
 
 
-def count_samples(args: DataArguments) -> int:
-    """Training examples (FastCLIP table size): `dataset_size` if declared, the split size `datasets` knows from
-    Hub metadata, else counted by streaming the training data once (every record, bad samples included, so the
-    count bounds the number of distinct sample ids)."""
-    if args.dataset_size is not None:
-        return args.dataset_size
+def find_train_num_samples(args: DataArguments) -> int | None:
+    """The training-set size n, or None when it cannot be known without downloading the data.
+
+    In order: `--train_num_samples`; local parquet / webdataset files counted from their metadata (footers, tar
+    headers; cached, see `counting.py`); the split size a Hub dataset's card declares; other local files
+    (captions files, arrow) streamed once without decoding images (every record, bad samples included, so the
+    count bounds the number of distinct sample ids). A remote dataset without declared size gives None.
+    """
+    if args.train_num_samples is not None:
+        return args.train_num_samples
     source, columns = _prepare(args, args.train_data, args.train_split)
+    counted = count_from_metadata(list(source.data_files), source.builder_name)
+    if counted is not None:
+        return counted
     if source.num_examples is not None:
         return source.num_examples
+    if not source.data_files or not all(os.path.isfile(f) for f in source.data_files):
+        return None  # remote: streaming it to count would download it all
     smallest = source.dataset.select_columns([columns.id or columns.caption])  # read as little as possible
     return sum(len(next(iter(batch.values()))) for batch in smallest.iter(batch_size=4096))
+
+
+def count_samples(args: DataArguments) -> int:
+    """The training-set size n (`find_train_num_samples`); raises when it is unknown.
+
+    Raises:
+        ValueError: the data is a remote stream without a declared size: set `--train_num_samples`.
+    """
+    count = find_train_num_samples(args)
+    if count is None:
+        raise ValueError(
+            f"the number of training samples of {args.train_data!r} is unknown (a remote dataset without a declared "
+            "split size; counting it would download it all): set --train_num_samples"
+        )
+    return count
