@@ -18,6 +18,9 @@ NEUCLIP_RESTART_SCHEDULES = ("constant", "doubling")
 NEUCLIP_RESTART_SOURCES = ("bank", "batch")
 AMORLIP_ESTIMATE_SOURCES = ("blend", "target")
 FASTCLIP_ID_MODES = ("index", "map")
+FASTCLIP_GAMMA_SCHEDULES = ("stepped", "continuous")
+FASTCLIP_DIRECTION_REDUCTIONS = ("sum", "mean")
+FASTCLIP_TEMPERATURE_GRADIENTS = ("objective", "release")
 
 # Keys of a saved CLIPConfig that must not be forwarded when converting it into a NeuCLIPConfig.
 _CLIP_ONLY_KEYS = ("model_type", "transformers_version", "architectures", "auto_map", "_name_or_path")
@@ -39,7 +42,17 @@ class NeuCLIPConfig(CLIPConfig):
             (amortised partition function, AmorLIP) or `neuclip` (prototype normaliser network, NeuCLIP).
         eps: The epsilon inside log(eps + g) of the global contrastive objective (FastCLIP-v3 RGCL-g).
         rho: Weight of the temperature penalty: the global objectives add `2 * rho * T` (rho per direction).
-            AmorLIP's paper writes the same term as `rho_A * T`, so its rho_A equals `2 * rho` here.
+            FastCLIP's rho is this rho; AmorLIP's paper writes the term as `rho_A * T`, so its rho_A equals
+            `2 * rho` here (table in docs/baselines.md).
+        rho_reference_batch: B_ref of the batch-aware rho, `rho - log((B_ref - 1) / (B - 1))` at global batch B, for
+            the RGCL-g objectives (`fastclip`, `neuclip`): their temperature gradient is at least
+            `2 rho - 2 log(B - 1)` whatever the embeddings, so a rho tuned at B_ref has no balance point at a much
+            smaller B and T only falls. The shift keeps `rho - log(B - 1)` as at B_ref. None: rho as given.
+        learn_temperature: Train T (`logit_scale`); False keeps it at `temperature_init` (another way to give a
+            small-batch run a fixed, sensible temperature, for every objective).
+        train_num_samples: n, the training-set size: one epoch is n samples seen. FastCLIP's gamma, AmorLIP's
+            epochs and beta ramp and epoch-based rho schedules count epochs with it; the recipe and the trainer fill
+            it from the data (`--train_num_samples`, parquet footers, tar headers, a map-style dataset's length).
         temperature_init: Initial temperature T (`logit_scale = log(1/T)`). `None` picks 0.1 for `siglip`
             (logit scale 10, as in SigLIP) and 0.07 otherwise (CLIP).
         temperature_min: Lower bound of T, applied by `clamp_logit_scale_` after every step (0.01: 1/T <= 100).
@@ -64,20 +77,32 @@ class NeuCLIPConfig(CLIPConfig):
         amorlip_ema_period: T_target, steps between EMA updates (2 in the paper).
         amorlip_beta_max: beta_T, final weight of the previous-epoch network in the blended target (0.8).
         amorlip_beta_ramp_epochs: Epochs over which beta ramps from 0 to beta_T by a cosine (16 in the release).
-        amorlip_epoch_steps: Length of an AmorLIP "epoch" in steps: the previous-epoch snapshot and the
-            re-initialisation happen at its boundaries (streaming data has no natural epoch).
+        amorlip_epoch_steps: Length of an AmorLIP epoch in steps, overriding the true epoch: the previous-epoch
+            snapshot, the re-initialisation and the beta ramp follow its boundaries. None (default): one pass over
+            the data, `train_num_samples / global batch` steps, as the release.
         amorlip_positive_weight: c_pos, weight of the positive pair inside the partition sum (1.0 in the paper,
             1e-3 in the released script).
         amorlip_estimate_source: What the encoder loss divides by: `blend` (beta * previous-epoch network +
             (1 - beta) * in-batch sum, the released recipe) or `target` (the EMA target network, the paper's text).
         amorlip_grad_clip: Gradient-norm clip of the online networks (1.0 in the release).
-        fastclip_dataset_size: n, entries of the moving-average table (one per training sample). Required for
-            `fastclip`.
+        amorlip_scale_lr_by_world_size: Multiply the online networks' learning rate by the number of processes, as
+            the release does after each epoch's re-initialisation (`lambda_lr x world_size`); False: the paper's
+            plain 1e-3.
+        fastclip_dataset_size: Entries of the moving-average table (one per training sample id). None: the
+            training-set size `train_num_samples`; one of them is required for `fastclip`.
         fastclip_id_mode: `index` when sample ids are already in [0, n); `map` to assign table slots to arbitrary
             integer ids in order of first appearance.
         fastclip_gamma_min: Final moving-average weight gamma (0.2 in FastCLIP-v3).
-        fastclip_gamma_decay_epochs: Epochs over which gamma decays from 1 to `fastclip_gamma_min` by a cosine
-            (0 keeps gamma at `fastclip_gamma_min` throughout).
+        fastclip_gamma_decay_epochs: Epochs over which gamma decays from 1 to `fastclip_gamma_min` by a cosine.
+        fastclip_gamma_schedule: `stepped` (default, the release: one gamma per integer epoch, 1.0 in epoch 0, then
+            the cosine at the epoch number) or `continuous` (the cosine at the fractional epoch, step by step;
+            `fastclip_gamma_decay_epochs=0` then keeps gamma at `fastclip_gamma_min`).
+        fastclip_direction_reduction: `sum` (default: the written RGCL-g adds the two directions, like every global
+            objective here) or `mean` (the release's scale: half the loss, so its encoder gradient is the mean of
+            the two directions and the penalty is rho T). Under AdamW without clipping the two train alike.
+        fastclip_temperature_gradient: `objective` (default: dL/dT of the unified objective, the written RGCL-g at
+            the estimate) or `release` (the released code's surrogate, whose dL/dT counts the T * dg/dT term twice:
+            per anchor and direction alpha + 2 T exp(-alpha) dghat/dT, plus 2 rho; its resting T is colder).
         siglip_bias_init: Initial SigLIP logit bias b (-10 in SigLIP).
     """
 
@@ -86,9 +111,12 @@ class NeuCLIPConfig(CLIPConfig):
     objective: str = "neuclip"
     eps: float | int = 1e-6
     rho: float | int = 6.5
+    rho_reference_batch: int | None = None
     temperature_init: float | int | None = None
     temperature_min: float | int = 0.01
     temperature_max: float | int = 1.0
+    learn_temperature: bool = True
+    train_num_samples: int | None = None
 
     neuclip_num_prototypes: int = 4096
     neuclip_inner_steps: int = 10
@@ -107,15 +135,19 @@ class NeuCLIPConfig(CLIPConfig):
     amorlip_ema_period: int = 2
     amorlip_beta_max: float | int = 0.8
     amorlip_beta_ramp_epochs: float | int = 16
-    amorlip_epoch_steps: int = 1000
+    amorlip_epoch_steps: int | None = None
     amorlip_positive_weight: float | int = 1.0
     amorlip_estimate_source: str = "blend"
     amorlip_grad_clip: float | int | None = 1.0
+    amorlip_scale_lr_by_world_size: bool = False
 
     fastclip_dataset_size: int | None = None
     fastclip_id_mode: str = "index"
     fastclip_gamma_min: float | int = 0.2
     fastclip_gamma_decay_epochs: float | int = 18
+    fastclip_gamma_schedule: str = "stepped"
+    fastclip_direction_reduction: str = "sum"
+    fastclip_temperature_gradient: str = "objective"
 
     siglip_bias_init: float | int = -10.0
 
@@ -144,9 +176,16 @@ class NeuCLIPConfig(CLIPConfig):
         for name in (
             "neuclip_num_prototypes", "neuclip_inner_steps", "neuclip_restart_period",
             "neuclip_restart_initial_period", "amorlip_inner_steps", "amorlip_update_period",
-            "amorlip_ema_period", "amorlip_epoch_steps",
+            "amorlip_ema_period",
         ):
             _check(getattr(self, name) >= 1, name, getattr(self, name), "an integer >= 1")
+        for name in ("amorlip_epoch_steps", "train_num_samples"):
+            value = getattr(self, name)
+            _check(value is None or value >= 1, name, value, "None or an integer >= 1")
+        _check(
+            self.rho_reference_batch is None or self.rho_reference_batch >= 2, "rho_reference_batch",
+            self.rho_reference_batch, "None or a global batch size >= 2",
+        )
         _check(
             self.neuclip_restart_schedule in NEUCLIP_RESTART_SCHEDULES, "neuclip_restart_schedule",
             self.neuclip_restart_schedule, f"one of {NEUCLIP_RESTART_SCHEDULES}",
@@ -179,10 +218,17 @@ class NeuCLIPConfig(CLIPConfig):
             self.fastclip_dataset_size, "None or an integer >= 2 (the number of training samples)",
         )
         _check(
-            self.fastclip_dataset_size is not None or self.objective != "fastclip", "fastclip_dataset_size",
-            self.fastclip_dataset_size,
-            "the number of training samples: objective='fastclip' keeps one moving average per sample",
+            self.fastclip_dataset_size is not None or self.train_num_samples is not None
+            or self.objective != "fastclip", "fastclip_dataset_size", self.fastclip_dataset_size,
+            "the number of training samples (or set train_num_samples): objective='fastclip' keeps one moving "
+            "average per sample",
         )
+        for name, allowed in (
+            ("fastclip_gamma_schedule", FASTCLIP_GAMMA_SCHEDULES),
+            ("fastclip_direction_reduction", FASTCLIP_DIRECTION_REDUCTIONS),
+            ("fastclip_temperature_gradient", FASTCLIP_TEMPERATURE_GRADIENTS),
+        ):
+            _check(getattr(self, name) in allowed, name, getattr(self, name), f"one of {allowed}")
         _check(
             self.fastclip_id_mode in FASTCLIP_ID_MODES, "fastclip_id_mode", self.fastclip_id_mode,
             f"one of {FASTCLIP_ID_MODES}",

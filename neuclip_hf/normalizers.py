@@ -25,11 +25,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import configuration_neuclip
+from .distributed import rank_and_world_size
 from .objectives import (
     ContrastiveBatch,
     NormalizerInputs,
     amorlip_loss,
     clip_loss,
+    fastclip_loss,
     full_precision,
     log_eps_plus,
     log_partition_sum,
@@ -86,12 +88,23 @@ class Normalizer(nn.Module):
     needs_statistics: ClassVar[bool] = True
     # Initial values of the buffers that do not start at zero (counters, tables, banks and flags start at zero).
     buffer_initial_values: ClassVar[dict[str, float]] = {}
+    # Whether the loss is RGCL-g-shaped in T (dL/dT >= 2 rho - 2 log(B - 1)), so `rho_reference_batch` applies.
+    rgcl_temperature: ClassVar[bool] = False
 
     def __init__(self, config):
         super().__init__()
         self.eps = float(config.eps)
+        self.train_num_samples: int | None = config.train_num_samples
         self._optimizer: torch.optim.Optimizer | None = None
         self._learning_rate: float | None = None
+
+    def set_train_num_samples(self, n: int) -> None:
+        """The training-set size (one epoch = n samples seen), for estimators with epoch-based schedules."""
+        self.train_num_samples = int(n)
+
+    def epoch_length_problem(self) -> str | None:
+        """Why this estimator cannot run without knowing the epoch length (None: it can)."""
+        return None
 
     # -- parameters and optimizer ------------------------------------------------------------------------------
     def reset_parameters(self) -> None:
@@ -118,6 +131,10 @@ class Normalizer(nn.Module):
     def default_learning_rate(self) -> float | None:
         return None
 
+    def scaled_learning_rate(self, lr: float) -> float:
+        """The learning rate the own optimizer runs at for a requested `lr` (see AmorLIP's world-size scaling)."""
+        return lr
+
     def _make_optimizer(self, params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
         raise TypeError(f"{type(self).__name__} has no optimizer")
 
@@ -127,7 +144,7 @@ class Normalizer(nn.Module):
         if not params:
             return None
         self._learning_rate = lr if lr is not None else self.default_learning_rate()
-        self._optimizer = self._make_optimizer(params, self._learning_rate)
+        self._optimizer = self._make_optimizer(params, self.scaled_learning_rate(self._learning_rate))
         return self._optimizer
 
     def ensure_optimizer(self, lr: float | None = None) -> torch.optim.Optimizer | None:
@@ -137,7 +154,7 @@ class Normalizer(nn.Module):
         if lr is not None:
             self._learning_rate = lr
             for group in self._optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = self.scaled_learning_rate(lr)
         return self._optimizer
 
     @property
@@ -184,6 +201,8 @@ class Normalizer(nn.Module):
 class NormalizerEstimator(Normalizer):
     """A normaliser that estimates alpha_i ~ log(eps + g_i) for each anchor and direction."""
 
+    rgcl_temperature = True
+
     def estimate(self, inputs: NormalizerInputs) -> tuple[torch.Tensor, torch.Tensor]:
         """Detached estimates of log(eps + g1_i), log(eps + g2_i) for the anchors in `inputs.local`."""
         raise NotImplementedError
@@ -204,6 +223,7 @@ class InBatchNormalizer(NormalizerEstimator):
 
     objective = "clip"
     needs_statistics = False
+    rgcl_temperature = False
 
     def estimate(self, inputs):
         return inputs.log_g_image[inputs.local], inputs.log_g_text[inputs.local]
@@ -249,8 +269,9 @@ class MovingAverageNormalizer(NormalizerEstimator):
 
     is FastCLIP's update. The first visit of a sample sets alpha_i = log(eps + ghat_i) (FastCLIP's schedule starts
     at gamma = 1, which does the same). gamma decays from 1 to `fastclip_gamma_min` by a cosine over
-    `fastclip_gamma_decay_epochs` epochs of n / B steps. Anchors never seen (e.g. a held-out batch) fall back to
-    the in-batch estimate.
+    `fastclip_gamma_decay_epochs` true epochs (samples seen / training-set size): `stepped`, one value per integer
+    epoch as the release, or `continuous`. Anchors never seen (e.g. a held-out batch) fall back to the in-batch
+    estimate. The encoder loss is `fastclip_loss` with the configured direction reduction and temperature gradient.
     """
 
     objective = "fastclip"
@@ -259,11 +280,14 @@ class MovingAverageNormalizer(NormalizerEstimator):
 
     def __init__(self, config):
         super().__init__(config)
-        n = int(config.fastclip_dataset_size)
+        n = int(config.fastclip_dataset_size or config.train_num_samples)
         self.dataset_size = n
         self.id_mode = config.fastclip_id_mode
         self.gamma_min = float(config.fastclip_gamma_min)
         self.gamma_decay_epochs = float(config.fastclip_gamma_decay_epochs)
+        self.gamma_schedule = config.fastclip_gamma_schedule
+        self.direction_reduction = config.fastclip_direction_reduction
+        self.temperature_gradient = config.fastclip_temperature_gradient
         self.register_buffer("log_u", torch.zeros(2, n))  # row 0: image anchors, row 1: text anchors
         self.register_buffer("seen", torch.zeros(n, dtype=torch.bool))
         self.register_buffer("num_updates", _zero_counter())
@@ -272,11 +296,25 @@ class MovingAverageNormalizer(NormalizerEstimator):
             self.register_buffer("num_slots", _zero_counter())
         self._id_to_slot: dict[int, int] | None = None
 
+    @property
+    def epoch_samples(self) -> int:
+        """Samples per epoch: the training-set size, else the table size (equal unless ids are sparse)."""
+        return self.train_num_samples or self.dataset_size
+
+    def epoch(self, batch_size: int) -> float:
+        """Epochs completed before the current update: samples seen / training-set size."""
+        return int(self.num_updates) * batch_size / self.epoch_samples
+
     def gamma(self, batch_size: int) -> float:
-        """Moving-average weight of the current step."""
-        if self.gamma_decay_epochs <= 0:
-            return self.gamma_min
-        epoch = float(self.num_updates) * batch_size / self.dataset_size
+        """Moving-average weight of the current step (`batch_size`: the global batch)."""
+        if self.gamma_schedule == "stepped":
+            epoch = int(self.num_updates) * batch_size // self.epoch_samples  # the integer epoch, exactly
+            if epoch == 0:
+                return 1.0
+        else:
+            if self.gamma_decay_epochs <= 0:
+                return self.gamma_min
+            epoch = self.epoch(batch_size)
         if epoch >= self.gamma_decay_epochs:
             return self.gamma_min
         return self.gamma_min + (1 - self.gamma_min) * 0.5 * (1 + math.cos(math.pi * epoch / self.gamma_decay_epochs))
@@ -339,6 +377,11 @@ class MovingAverageNormalizer(NormalizerEstimator):
         alpha_text = torch.where(known, table[1], inputs.log_g_text[inputs.local])
         return alpha_image, alpha_text
 
+    def loss(self, batch, inputs, rho):
+        alpha_image, alpha_text = self.estimate(inputs)
+        return fastclip_loss(batch, alpha_image, alpha_text, self.eps, rho, self.direction_reduction,
+                             self.temperature_gradient)
+
 
 class ResidualMLP(nn.Module):
     """AmorLIP's amortisation network: Linear-ReLU-LayerNorm-Linear-ReLU-LayerNorm, + input, ReLU, Linear(d, 1)."""
@@ -377,13 +420,15 @@ class AmortizedNormalizer(NormalizerEstimator):
     Per step (the released recipe, ALGORITHMS.md 2.3): targets log Z_i = log(sum_{j!=i} exp(tau s_ij) +
     c_pos exp(tau s_ii)), blended with the previous epoch's network as log(beta lambda_prev + (1 - beta) Z);
     every `amorlip_update_period` steps `amorlip_inner_steps` Adam steps on the l2-log loss; every
-    `amorlip_ema_period` steps an EMA of the online networks into the target networks. At each boundary of an
-    epoch of `amorlip_epoch_steps` steps the target networks become the previous-epoch networks and the online
-    and target networks are re-initialised (with a fresh Adam state). The encoders divide by the blended target
-    (`blend`) or by the target network (`target`).
+    `amorlip_ema_period` steps an EMA of the online networks into the target networks. At each epoch boundary the
+    target networks become the previous-epoch networks and the online and target networks are re-initialised
+    (with a fresh Adam state); beta follows the integer epoch. An epoch is one pass over the data (samples seen /
+    `train_num_samples`, as the release), or `amorlip_epoch_steps` steps when that is set. The encoders divide by
+    the blended target (`blend`) or by the target network (`target`).
     """
 
     objective = "amorlip"
+    rgcl_temperature = False  # its rescaled InfoNCE has no log(B - 1) bound; fix T instead (learn_temperature)
 
     def __init__(self, config):
         super().__init__(config)
@@ -405,6 +450,7 @@ class AmortizedNormalizer(NormalizerEstimator):
         self.positive_weight = float(config.amorlip_positive_weight)
         self.estimate_source = config.amorlip_estimate_source
         self.grad_clip = config.amorlip_grad_clip
+        self.scale_lr_by_world_size = bool(config.amorlip_scale_lr_by_world_size)
         self.register_buffer("num_updates", _zero_counter())
         self.register_buffer("has_previous", torch.zeros((), dtype=torch.bool))
         self.register_buffer("beta", torch.zeros(()))  # blend weight of the current epoch
@@ -418,11 +464,31 @@ class AmortizedNormalizer(NormalizerEstimator):
     def default_learning_rate(self):
         return self.learning_rate
 
+    def scaled_learning_rate(self, lr):
+        """`lr x world size` under `amorlip_scale_lr_by_world_size` (the release's `lambda_lr x world_size`)."""
+        return lr * rank_and_world_size()[1] if self.scale_lr_by_world_size else lr
+
     def _make_optimizer(self, params, lr):
         return torch.optim.Adam(params, lr=lr)
 
     def estimator_parameters(self):
         return list(self.online.parameters())
+
+    def epoch_length_problem(self):
+        if self.epoch_steps is None and self.train_num_samples is None:
+            return ("objective='amorlip' re-initialises its networks every epoch and ramps beta by epoch: set "
+                    "--train_num_samples (the training-set size; NeuCLIPConfig.train_num_samples) or "
+                    "amorlip_epoch_steps")
+        return None
+
+    def epoch_index(self, step: int, batch_size: int) -> int:
+        """The integer epoch of update `step` (0-based) at global batch `batch_size`."""
+        problem = self.epoch_length_problem()
+        if problem is not None:
+            raise ValueError(problem)
+        if self.epoch_steps is not None:
+            return step // self.epoch_steps
+        return step * batch_size // self.train_num_samples  # samples seen before this step // n
 
     def beta_at(self, epoch: int) -> float:
         """beta_t = beta_T (1 - cos(pi t / T_ramp)) / 2, held at beta_T after the ramp."""
@@ -458,10 +524,11 @@ class AmortizedNormalizer(NormalizerEstimator):
     @torch.no_grad()
     def update(self, inputs):
         with full_precision(inputs.image.device):
-            step = int(self.num_updates)
-            if step > 0 and step % self.epoch_steps == 0:
+            step, batch = int(self.num_updates), inputs.batch_size
+            epoch = self.epoch_index(step, batch)
+            if step > 0 and epoch > self.epoch_index(step - 1, batch):
                 self._start_epoch()
-            self.beta.fill_(self.beta_at(step // self.epoch_steps))
+            self.beta.fill_(self.beta_at(epoch))
             target_image, target_text = self._log_targets(inputs, slice(None))
             diagnostics = {"beta": self.beta.clone()}
             if step % self.update_period == 0:

@@ -197,6 +197,16 @@ def siglip_loss(batch: ContrastiveBatch, logit_bias: torch.Tensor) -> tuple[torc
     return loss, {"sigmoid": loss.detach()}
 
 
+def _log_eps_plus_ghat(
+    image_to_text: torch.Tensor, text_to_image: torch.Tensor, positive: torch.Tensor, temperature: torch.Tensor,
+    target: torch.Tensor, eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """log(eps + ghat_i) of the local anchors in both directions, d_ij = (s_ij - s_ii) / T (differentiable)."""
+    log_g_image = log_eps_plus(log_mean_exp_negatives((image_to_text - positive[:, None]) / temperature, target), eps)
+    log_g_text = log_eps_plus(log_mean_exp_negatives((text_to_image - positive[:, None]) / temperature, target), eps)
+    return log_g_image, log_g_text
+
+
 def unified_loss(
     batch: ContrastiveBatch, alpha_image: torch.Tensor, alpha_text: torch.Tensor, eps: float, rho: float
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -215,10 +225,9 @@ def unified_loss(
     """
     image_to_text, text_to_image, positive = batch.similarities()
     temperature = batch.temperature
-    target = batch.positive_index
-    # log(eps + ghat) with gradient, per direction: d_ij = (s_ij - s_ii) / T.
-    log_g_image = log_eps_plus(log_mean_exp_negatives((image_to_text - positive[:, None]) / temperature, target), eps)
-    log_g_text = log_eps_plus(log_mean_exp_negatives((text_to_image - positive[:, None]) / temperature, target), eps)
+    log_g_image, log_g_text = _log_eps_plus_ghat(
+        image_to_text, text_to_image, positive, temperature, batch.positive_index, eps
+    )
     alpha_image, alpha_text = alpha_image.detach().float(), alpha_text.detach().float()
     # exp(-alpha) (eps + ghat) + alpha - 1, evaluated as exp(log(eps + ghat) - alpha) to stay in log space.
     term_image = torch.exp(log_g_image - alpha_image) + alpha_image - 1
@@ -235,13 +244,83 @@ def unified_loss(
     }
 
 
+def release_temperature_surrogate(
+    batch: ContrastiveBatch, alpha_image: torch.Tensor, alpha_text: torch.Tensor, eps: float, rho: float
+) -> torch.Tensor:
+    """A function whose gradients are those of FastCLIP-v3's released code (sum-of-directions scale).
+
+    Encoders: T * mean_i sum_dir exp(-alpha_i) grad ghat_i, as the unified objective. Temperature:
+
+        dL/dT = mean_i sum_dir [alpha_i + 2 T exp(-alpha_i) dghat_i/dT] + 2 rho,
+
+    where the written RGCL-g has T * exp(-alpha_i) dghat_i/dT once (the release adds its loss over the two
+    "local" and "remote" halves of each pair, halves the encoder part but not the temperature part). Built from
+    three terms: sg(T) exp(-alpha)(eps + ghat(w, T)), sg(T) exp(-alpha) ghat(sg(w), T) and T (alpha + 2 rho).
+    Its value is not a loss; `fastclip_loss` uses only its gradients.
+    """
+    image_to_text, text_to_image, positive = batch.similarities()
+    temperature, target = batch.temperature, batch.positive_index
+    alpha_image, alpha_text = alpha_image.detach().float(), alpha_text.detach().float()
+    live = _log_eps_plus_ghat(image_to_text, text_to_image, positive, temperature, target, eps)
+    frozen = _log_eps_plus_ghat(image_to_text.detach(), text_to_image.detach(), positive.detach(), temperature,
+                                target, eps)
+    encoder_part = sum(torch.exp(log_g - alpha) for log_g, alpha in zip(live, (alpha_image, alpha_text)))
+    temperature_part = sum(torch.exp(log_g - alpha) for log_g, alpha in zip(frozen, (alpha_image, alpha_text)))
+    # Through sg(T) neither term passes the value exp(-alpha) ghat to dL/dT (the release uses alpha there); each
+    # passes T exp(-alpha) dghat/dT once, the 'live' one also the encoder gradient, the 'frozen' one not.
+    return (temperature.detach() * (encoder_part + temperature_part).mean()
+            + temperature * ((alpha_image + alpha_text).mean() + 2 * rho))
+
+
+def fastclip_loss(
+    batch: ContrastiveBatch,
+    alpha_image: torch.Tensor,
+    alpha_text: torch.Tensor,
+    eps: float,
+    rho: float,
+    direction_reduction: str = "sum",
+    temperature_gradient: str = "objective",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """FastCLIP-v3's encoder objective: the unified objective with the moving-average estimate alpha, plus the two
+    places where the released code differs from the written RGCL-g, as named choices (docs/baselines.md).
+
+    Args:
+        batch, alpha_image, alpha_text, eps, rho: As `unified_loss`.
+        direction_reduction: `sum` (the written objective) or `mean` (the release: the whole loss halved, so the
+            encoder gradient is the mean of the two directions and the penalty rho T).
+        temperature_gradient: `objective` (the unified objective's own dL/dT) or `release` (the gradients of
+            `release_temperature_surrogate`; the reported value stays the unified objective's).
+    """
+    loss, parts = unified_loss(batch, alpha_image, alpha_text, eps, rho)
+    if temperature_gradient == "release":
+        surrogate = release_temperature_surrogate(batch, alpha_image, alpha_text, eps, rho)
+        loss = loss.detach() + (surrogate - surrogate.detach())  # the unified value, the release's gradients
+    if direction_reduction == "mean":
+        loss = loss / 2
+        parts = {name: value / 2 for name, value in parts.items()}
+        parts["unified"] = loss.detach()
+    return loss, parts
+
+
+def batch_aware_rho(rho: float, batch_size: int, reference_batch: int | None) -> float:
+    """rho - log((B_ref - 1) / (B - 1)): the rho that keeps `rho - log(B - 1)` at its value for batch B_ref.
+
+    RGCL-g's temperature gradient is at least 2 rho - 2 log(B - 1) for any embeddings (the entropy of each
+    anchor's softmax over its B - 1 negatives is at most log(B - 1)), so this is what decides whether T has a
+    balance point at batch B. None: rho unchanged.
+    """
+    if reference_batch is None:
+        return rho
+    return rho - math.log((reference_batch - 1) / (batch_size - 1))
+
+
 def global_contrastive_loss(batch: ContrastiveBatch, eps: float, rho: float) -> torch.Tensor:
     """RGCL-g with the in-batch normaliser: T * mean_i [log(eps + ghat1_i) + log(eps + ghat2_i)] + 2 rho T."""
     image_to_text, text_to_image, positive = batch.similarities()
-    target = batch.positive_index
     temperature = batch.temperature
-    log_g_image = log_eps_plus(log_mean_exp_negatives((image_to_text - positive[:, None]) / temperature, target), eps)
-    log_g_text = log_eps_plus(log_mean_exp_negatives((text_to_image - positive[:, None]) / temperature, target), eps)
+    log_g_image, log_g_text = _log_eps_plus_ghat(
+        image_to_text, text_to_image, positive, temperature, batch.positive_index, eps
+    )
     return temperature * (log_g_image + log_g_text).mean() + 2 * rho * temperature
 
 

@@ -36,6 +36,8 @@ from .trainer_hub import HubPushMixin
 logger = logging.get_logger(__name__)
 
 NORMALIZER_STATE_NAME = "normalizer_optimizer.pt"
+RHO_SCHEDULE_UNITS = ("fraction", "epoch")
+RHO_EPOCHS_NEED_SIZE = "--rho_schedule_unit epoch counts epochs: set --train_num_samples (the training-set size)"
 DATA_STATE_NAME = "data_state_rank{rank}.pt"
 
 
@@ -64,8 +66,17 @@ class NeuCLIPTrainingArguments(TrainingArguments):
     temperature_lr_factor: float = field(default=1 / 3, metadata={"help": "See temperature_lr_threshold."})
     rho_schedule: list[float] | None = field(
         default=None,
-        metadata={"help": "Piecewise-constant rho over equal segments of the run, e.g. `6.5 6.5 6.5 -8.0` (AmorLIP's "
-                          "annealing: the last quarter negative). Default: the config's rho throughout."},
+        metadata={"help": "Piecewise-constant rho over equal segments of the run (see --rho_schedule_unit), in this "
+                          "package's convention: rho per direction, the loss adds 2 rho T, so AmorLIP's rho_A is "
+                          "2 rho. AmorLIP's released CC12M run (--rho_list [8.5 -8.5 -8.5], 33 epochs) is "
+                          "`--rho_schedule 4.25 -4.25 -4.25 --rho_schedule_unit epoch`; its paper's medium scale "
+                          "(rho_A 6.5, -8.0 in the last quarter) is `3.25 3.25 3.25 -4.0`. Default: the config's rho."},
+    )
+    rho_schedule_unit: str = field(
+        default="fraction",
+        metadata={"help": "How --rho_schedule splits the run: `fraction` (equal parts of the run's steps) or `epoch` "
+                          "(equal blocks of whole epochs, as AmorLIP's --rho_list: epoch e of E uses value "
+                          "floor(e K / E) of K; needs the training-set size, --train_num_samples)."},
     )
     max_consecutive_nonfinite: int = field(
         default=5, metadata={"help": "Stop after this many consecutive steps with a non-finite loss or estimate."}
@@ -110,6 +121,9 @@ class NeuCLIPTrainingArguments(TrainingArguments):
             raise ValueError(f"--max_consecutive_nonfinite={self.max_consecutive_nonfinite} must be >= 1")
         if self.rho_schedule is not None and len(self.rho_schedule) == 0:
             raise ValueError("--rho_schedule needs at least one value")
+        if self.rho_schedule_unit not in RHO_SCHEDULE_UNITS:
+            raise ValueError(f"--rho_schedule_unit={self.rho_schedule_unit!r} is invalid: expected one of "
+                             f"{RHO_SCHEDULE_UNITS}")
         if self.push_to_hub and self.hub_strategy in ("checkpoint", "all_checkpoints"):
             strategy = getattr(self.hub_strategy, "value", self.hub_strategy)
             raise ValueError(
@@ -214,6 +228,8 @@ class NeuCLIPTrainer(HubPushMixin, Trainer):
         )
         if streaming and args.max_steps <= 0:
             raise ValueError("--max_steps must be set (> 0) when the training data is a stream without a length")
+        if not streaming and self.train_dataset is not None:
+            self._set_train_num_samples_from(len(self.train_dataset))
         self.temperature_lr: TemperatureThresholdLR | None = None
         self.normalizer_scheduler = None
         self._nonfinite_streak = 0
@@ -242,6 +258,39 @@ class NeuCLIPTrainer(HubPushMixin, Trainer):
     @property
     def normalizer(self) -> Normalizer:
         return find_normalizer(self.model)
+
+    # -- epochs ---------------------------------------------------------------------------------------------------
+    @property
+    def train_num_samples(self) -> int | None:
+        """n, the training-set size (one epoch = n samples seen): the model config's, filled from the data."""
+        return self.core_model.config.train_num_samples
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.args.per_device_train_batch_size * self.accelerator.num_processes
+
+    def _set_train_num_samples_from(self, n: int) -> None:
+        """A map-style dataset knows its size: it defines the epoch (a different configured value is replaced)."""
+        configured = self.train_num_samples
+        if configured is not None and configured != n:
+            logger.warning(f"train_num_samples={configured} in the model config, but the training dataset has {n} "
+                           f"samples: epochs count {n}")
+        self.core_model.set_train_num_samples(n)
+
+    def epochs_seen(self, step: int | None = None) -> float | None:
+        """Samples seen after `step` optimizer steps (default: now) / training-set size; None when n is unknown."""
+        n = self.train_num_samples
+        step = self.state.global_step if step is None else step
+        return None if n is None else step * self.global_batch_size / n
+
+    def check_epoch_length(self) -> None:
+        """Refuse to start when an epoch-based schedule is on and the epoch length is unknown."""
+        problem = self.normalizer.epoch_length_problem()
+        if problem is None and self.args.rho_schedule and self.args.rho_schedule_unit == "epoch" \
+                and self.train_num_samples is None:
+            problem = RHO_EPOCHS_NEED_SIZE
+        if problem is not None:
+            raise ValueError(problem)
 
     # -- data -----------------------------------------------------------------------------------------------------
     def get_train_dataloader(self):
@@ -333,8 +382,16 @@ class NeuCLIPTrainer(HubPushMixin, Trainer):
         schedule = self.args.rho_schedule
         if not schedule:
             return None
-        total = max(self.state.max_steps, 1)
-        return float(schedule[min(self.state.global_step * len(schedule) // total, len(schedule) - 1)])
+        if self.args.rho_schedule_unit == "epoch":
+            n, batch = self.train_num_samples, self.global_batch_size
+            if n is None:
+                raise ValueError(RHO_EPOCHS_NEED_SIZE)
+            epoch = self.state.global_step * batch // n  # the integer epoch of this step
+            total_epochs = max(1, -(-self.state.max_steps * batch // n))  # whole epochs of the run (rounded up)
+            index = epoch * len(schedule) // total_epochs
+        else:
+            index = self.state.global_step * len(schedule) // max(self.state.max_steps, 1)
+        return float(schedule[min(index, len(schedule) - 1)])
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Evaluation loss: the objective with the current estimate (the normaliser is not updated)."""
@@ -462,6 +519,9 @@ class NeuCLIPTrainer(HubPushMixin, Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and "train_runtime" not in logs:  # a periodic training log
             logs.update(self._drain_metrics())
+        epochs = self.epochs_seen()
+        if epochs is not None:  # true epochs (samples seen / n), not the Trainer's steps per loader length
+            self.state.epoch = epochs
         super().log(logs, start_time)
 
     # -- checkpoints ----------------------------------------------------------------------------------------------
@@ -528,6 +588,7 @@ class NeuCLIPTrainer(HubPushMixin, Trainer):
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
         """`Trainer.train`, resuming only from complete checkpoints (`True` picks the newest complete one)."""
+        self.check_epoch_length()
         self._resume_checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir)
         if self._resume_checkpoint is not None:
             logger.info(f"Resuming from {self._resume_checkpoint}")

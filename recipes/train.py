@@ -23,7 +23,7 @@ from transformers import set_seed
 from transformers.utils import logging
 
 from neuclip_hf.arguments import EvalArguments, LoraArguments, ModelArguments, parse_arguments
-from neuclip_hf.data import DataArguments, build_train_dataloader, count_samples
+from neuclip_hf.data import DataArguments, build_train_dataloader, count_samples, find_train_num_samples
 from neuclip_hf.diagnostics import NormaliserDiagnosticsCallback, pool_from_data
 from neuclip_hf.distributed import rank_and_world_size
 from neuclip_hf.evaluation import ZeroShotEvalCallback, ZeroShotEvaluator, format_metrics_table
@@ -45,11 +45,13 @@ def main(argv: list[str] | None = None) -> dict:
         raise ValueError("--max_steps must be set (> 0): the training data is streamed and has no length")
     set_seed(training_args.seed)
 
-    # 2. Model and processor. FastCLIP keeps one moving average per sample: size its table from the data.
-    extra = {}
+    # 2. Model and processor. The training-set size n defines the epoch (FastCLIP's gamma and table, AmorLIP's
+    #    epochs, --rho_schedule_unit epoch, the logged epoch): --train_num_samples, else counted from file metadata.
+    #    FastCLIP keeps one moving average per sample and cannot run without it.
+    n = count_samples(data_args) if model_args.objective == "fastclip" else find_train_num_samples(data_args)
+    extra = {"train_num_samples": n} if n is not None else {}
     if model_args.objective == "fastclip":
-        extra = {"fastclip_dataset_size": data_args.dataset_size or count_samples(data_args),
-                 "fastclip_id_mode": "map"}
+        extra.update(fastclip_dataset_size=n, fastclip_id_mode="map")
     model = build_model(model_args, **extra)  # --init_from / --init_normalizer_from are applied here
     processor = build_processor(model_args, model)
     model = maybe_apply_lora(model, lora_args)  # --lora_r > 0: adapters on both towers, normaliser in full
