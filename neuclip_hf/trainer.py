@@ -75,8 +75,8 @@ class NeuCLIPTrainingArguments(TrainingArguments):
     rho_schedule_unit: str = field(
         default="fraction",
         metadata={"help": "How --rho_schedule splits the run: `fraction` (equal parts of the run's steps) or `epoch` "
-                          "(equal blocks of whole epochs, as AmorLIP's --rho_list: epoch e of E uses value "
-                          "floor(e K / E) of K; needs the training-set size, --train_num_samples)."},
+                          "(equal blocks of whole epochs, as AmorLIP's --rho_list: epoch e of a run of E epochs, E = max_steps x "
+                          "global batch / n rounded, uses value floor(e K / E) of K; needs --train_num_samples)."},
     )
     max_consecutive_nonfinite: int = field(
         default=5, metadata={"help": "Stop after this many consecutive steps with a non-finite loss or estimate."}
@@ -131,6 +131,29 @@ class NeuCLIPTrainingArguments(TrainingArguments):
                 "which neuclip_hf never uploads. Use every_save (the model files of each save) or end."
             )
         RetryPolicy(self.hub_push_attempts, self.hub_push_backoff)  # validates both values
+
+
+def scheduled_value(schedule: list[float], unit: str, step: int, max_steps: int, global_batch: int,
+                    train_num_samples: int | None) -> float:
+    """The value of a piecewise-constant schedule at optimizer step `step` (0-based) of a `max_steps` run.
+
+    Args:
+        schedule: K values over K equal parts of the run.
+        unit: `fraction` (parts of the steps) or `epoch` (blocks of whole epochs: epoch e = step x global_batch // n
+            of a run of E = max_steps x global_batch / n epochs rounded, uses value e K // E, as AmorLIP's --rho_list).
+        step, max_steps: The step and the run's length.
+        global_batch: Samples per step.
+        train_num_samples: n, needed by `epoch`.
+    """
+    if unit == "epoch":
+        if train_num_samples is None:
+            raise ValueError(RHO_EPOCHS_NEED_SIZE)
+        epoch = step * global_batch // train_num_samples  # the integer epoch of this step
+        total_epochs = max(1, round(max_steps * global_batch / train_num_samples))
+        index = epoch * len(schedule) // total_epochs
+    else:
+        index = step * len(schedule) // max(max_steps, 1)
+    return float(schedule[min(index, len(schedule) - 1)])
 
 
 class TemperatureThresholdLR:
@@ -382,16 +405,8 @@ class NeuCLIPTrainer(HubPushMixin, Trainer):
         schedule = self.args.rho_schedule
         if not schedule:
             return None
-        if self.args.rho_schedule_unit == "epoch":
-            n, batch = self.train_num_samples, self.global_batch_size
-            if n is None:
-                raise ValueError(RHO_EPOCHS_NEED_SIZE)
-            epoch = self.state.global_step * batch // n  # the integer epoch of this step
-            total_epochs = max(1, -(-self.state.max_steps * batch // n))  # whole epochs of the run (rounded up)
-            index = epoch * len(schedule) // total_epochs
-        else:
-            index = self.state.global_step * len(schedule) // max(self.state.max_steps, 1)
-        return float(schedule[min(index, len(schedule) - 1)])
+        return scheduled_value(schedule, self.args.rho_schedule_unit, self.state.global_step, self.state.max_steps,
+                               self.global_batch_size, self.train_num_samples)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Evaluation loss: the objective with the current estimate (the normaliser is not updated)."""
