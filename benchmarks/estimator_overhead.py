@@ -42,7 +42,8 @@ def loss_only_model(objective: str, batch_size: int) -> NeuCLIPModel:
     """A NeuCLIP model whose objective has ViT-B/32's embedding size; its (tiny) encoders are never run here."""
     config = model_config(
         "tiny", objective=objective, projection_dim=EMBED_DIM, neuclip_num_prototypes=4096, neuclip_inner_steps=10,
-        fastclip_dataset_size=100 * batch_size, text_config={"projection_dim": EMBED_DIM},
+        fastclip_dataset_size=100 * batch_size, train_num_samples=100 * batch_size,  # AmorLIP's epoch: one pass
+        text_config={"projection_dim": EMBED_DIM},
         vision_config={"projection_dim": EMBED_DIM},
     )
     return NeuCLIPModel(config)
