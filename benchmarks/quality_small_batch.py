@@ -105,7 +105,8 @@ SETTINGS: dict[str, dict[str, dict]] = {
         "continuous gamma, decay 2": setting({**FASTCLIP_RELEASE, "fastclip_gamma_decay_epochs": 2,
                                               "fastclip_gamma_schedule": "continuous"}),
         "eps 1e-6": setting({**FASTCLIP_RELEASE, "eps": 1e-6}),
-        "written RGCL-g (sum, objective T-gradient)": setting({**FASTCLIP_RELEASE, "fastclip_direction_reduction": "sum",
+        "written RGCL-g (sum, objective T-gradient)": setting({**FASTCLIP_RELEASE,
+                                                               "fastclip_direction_reduction": "sum",
                                                                "fastclip_temperature_gradient": "objective"}),
         "batch-aware rho (B_ref 1024)": setting({**FASTCLIP_RELEASE, "rho_reference_batch": 1024}),
     },
@@ -398,7 +399,8 @@ def main(argv=None) -> dict:
     for phase, (cache_name, build) in builders.items():
         jobs = build()
         if phase in phases:
-            outcome[phase] = (jobs, run_jobs(train_job, jobs, cache_name, args.workers, args.fresh and phase != "probes"))
+            fresh = args.fresh and phase != "probes"  # the probes share the seeds phase's cache
+            outcome[phase] = (jobs, run_jobs(train_job, jobs, cache_name, args.workers, fresh))
         else:
             cached = cached_results(jobs, cache_name)
             outcome[phase] = (jobs, cached) if all(r is not None for r in cached) else None

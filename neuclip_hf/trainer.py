@@ -75,8 +75,9 @@ class NeuCLIPTrainingArguments(TrainingArguments):
     rho_schedule_unit: str = field(
         default="fraction",
         metadata={"help": "How --rho_schedule splits the run: `fraction` (equal parts of the run's steps) or `epoch` "
-                          "(equal blocks of whole epochs, as AmorLIP's --rho_list: epoch e of a run of E epochs, E = max_steps x "
-                          "global batch / n rounded, uses value floor(e K / E) of K; needs --train_num_samples)."},
+                          "(equal blocks of whole epochs, as AmorLIP's --rho_list: epoch e of a run of E epochs, "
+                          "E = max_steps x global batch / n rounded, uses value floor(e K / E) of K; needs "
+                          "--train_num_samples)."},
     )
     max_consecutive_nonfinite: int = field(
         default=5, metadata={"help": "Stop after this many consecutive steps with a non-finite loss or estimate."}
@@ -300,11 +301,10 @@ class NeuCLIPTrainer(HubPushMixin, Trainer):
                            f"samples: epochs count {n}")
         self.core_model.set_train_num_samples(n)
 
-    def epochs_seen(self, step: int | None = None) -> float | None:
-        """Samples seen after `step` optimizer steps (default: now) / training-set size; None when n is unknown."""
+    def epochs_seen(self) -> float | None:
+        """Samples seen so far / training-set size (true epochs); None when n is unknown."""
         n = self.train_num_samples
-        step = self.state.global_step if step is None else step
-        return None if n is None else step * self.global_batch_size / n
+        return None if n is None else self.state.global_step * self.global_batch_size / n
 
     def check_epoch_length(self) -> None:
         """Refuse to start when an epoch-based schedule is on and the epoch length is unknown."""

@@ -216,7 +216,8 @@ def test_fastclip_gamma_in_true_epochs(schedule):
             expected.append(_cosine_gamma(epoch, 4, 0.2))
     assert observed == pytest.approx(expected, abs=1e-12)
     if schedule == "stepped":  # constant within an epoch, stepping at the boundaries
-        assert observed[1] == 1.0 and observed[2] == observed[3] == pytest.approx(0.2 + 0.4 * (1 + math.cos(math.pi / 4)))
+        epoch_one = 0.2 + 0.4 * (1 + math.cos(math.pi / 4))
+        assert observed[1] == 1.0 and observed[2] == observed[3] == pytest.approx(epoch_one)
     else:
         assert observed[1] < 1.0 and observed[2] > observed[3]
 
