@@ -1,4 +1,4 @@
-"""What the normaliser costs: objective + estimator update per step against the plain in-batch loss, and against a
+"""What the normalizer costs: objective + estimator update per step against the plain in-batch loss, and against a
 ViT-B/32 training step at the same global batch.
 
 Measured side by side in one run, on this machine:
@@ -42,7 +42,8 @@ def loss_only_model(objective: str, batch_size: int) -> NeuCLIPModel:
     """A NeuCLIP model whose objective has ViT-B/32's embedding size; its (tiny) encoders are never run here."""
     config = model_config(
         "tiny", objective=objective, projection_dim=EMBED_DIM, neuclip_num_prototypes=4096, neuclip_inner_steps=10,
-        fastclip_dataset_size=100 * batch_size, text_config={"projection_dim": EMBED_DIM},
+        fastclip_dataset_size=100 * batch_size, train_num_samples=100 * batch_size,  # AmorLIP's epoch: one pass
+        text_config={"projection_dim": EMBED_DIM},
         vision_config={"projection_dim": EMBED_DIM},
     )
     return NeuCLIPModel(config)
@@ -148,7 +149,7 @@ def main(argv=None) -> dict:
               "share of ViT-B/32 step (FLOPs)"]
     body = f"""## estimator_overhead
 
-`python benchmarks/estimator_overhead.py` (`--quick`: batch 256 only). Time of the objective plus the normaliser
+`python benchmarks/estimator_overhead.py` (`--quick`: batch 256 only). Time of the objective plus the normalizer
 update and the backward to the embeddings (d = 512; NeuCLIP m = 4096, T_u = 10), side by side for every objective,
 and its share of a ViT-B/32 training step at the same global batch (encoder step measured per sample at batch
 {encoder['batch_size']} here and scaled linearly: {1000 * encoder['seconds_per_sample']:.0f} ms and

@@ -8,7 +8,7 @@ Two datasets:
 - `default`: the embedded Fashion-MNIST captions (10 classes, templated captions): zero-shot acc1 on the test split.
 - `mosaic`: 32 x 32 mosaics of 2-4 Fashion-MNIST items (16 x 16 each) in a 2 x 2 grid, captioned by position
   ("a bag at the top left and a sandal at the bottom right."): about 14.6k possible captions, far more than a
-  batch, so the in-batch normaliser is a poor estimate of the dataset-wide one. Held-out image-text retrieval.
+  batch, so the in-batch normalizer is a poor estimate of the dataset-wide one. Held-out image-text retrieval.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 from neuclip_hf import NeuCLIPModel
 from neuclip_hf.data import DataArguments, build_eval_dataloader
 from neuclip_hf.default_data import FASHION_MNIST_CLASSES, default_data_files, load_fashion_mnist
-from neuclip_hf.metrics import classification_metrics, retrieval_metrics
+from neuclip_hf.metrics import RECALL_KS, classification_metrics, query_hits, retrieval_metrics
 from neuclip_hf.presets import model_config
 from neuclip_hf.tokenization import build_clip_processor
 from neuclip_hf.trainer import NeuCLIPTrainer, NeuCLIPTrainingArguments
@@ -143,19 +143,40 @@ class TensorPairs(Dataset):
 
 
 def build_trainer(objective: str, data: dict, steps: int, batch_size: int, seed: int = 0, learning_rate: float = 1e-3,
-                  output_dir: str | Path | None = None, callbacks=(), **overrides) -> NeuCLIPTrainer:
-    """A NeuCLIPTrainer for the tiny preset on in-memory pairs (no checkpoints, no console logging)."""
+                  output_dir: str | Path | None = None, callbacks=(), training_args: dict | None = None,
+                  **overrides) -> NeuCLIPTrainer:
+    """A NeuCLIPTrainer for the tiny preset on in-memory pairs (no checkpoints, no console logging).
+
+    The training set's length is the epoch (the trainer writes it into `config.train_num_samples`), so FastCLIP's
+    gamma, AmorLIP's epochs and epoch-based rho schedules run in true epochs. `training_args` override the
+    `NeuCLIPTrainingArguments` (e.g. `temperature_learning_rate`, `rho_schedule`); `overrides` the config.
+    """
     torch.manual_seed(seed)
     config_overrides = {"fastclip_dataset_size": len(data["sample_ids"]), "neuclip_num_prototypes": 1024,
                         **overrides}
     model = NeuCLIPModel(model_config("tiny", objective=objective, **config_overrides))
-    args = NeuCLIPTrainingArguments(
+    arguments = dict(
         output_dir=str(output_dir or CACHE / "runs"), max_steps=steps, per_device_train_batch_size=batch_size,
         learning_rate=learning_rate, warmup_steps=max(1, steps // 20), temperature_learning_rate=2e-4,
         logging_steps=max(1, steps // 10), save_strategy="no", report_to=[], disable_tqdm=True, seed=seed,
         data_seed=seed, use_cpu=True, dataloader_num_workers=0,
     )
+    arguments.update(training_args or {})
+    args = NeuCLIPTrainingArguments(**arguments)
     return NeuCLIPTrainer(model=model, args=args, train_dataset=TensorPairs(data), callbacks=list(callbacks))
+
+
+def unique_captions(data: dict) -> dict:
+    """The pairs whose caption is the first occurrence of that caption (deduplicated training data), with dense
+    sample ids."""
+    first = {}
+    for index, caption in enumerate(data["captions"]):
+        first.setdefault(caption, index)
+    keep = torch.tensor(sorted(first.values()))
+    out = {k: v[keep] for k, v in data.items() if torch.is_tensor(v)}
+    out["captions"] = [data["captions"][i] for i in keep.tolist()]
+    out["sample_ids"] = torch.arange(len(keep))
+    return out
 
 
 def embed(model, data: dict, batch_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
@@ -173,10 +194,23 @@ def zero_shot_accuracy(model, test: dict, templates: str = "openai") -> dict:
     return {"acc1": metrics["acc1"], "mean_per_class_recall": metrics["mean_per_class_recall"]}
 
 
-def retrieval(model, test: dict) -> dict:
-    """Image->text and text->image recall@{1,5,10} on paired data (each query's positive is its own pair)."""
+def retrieval(model, test: dict, caption_aware: bool = False) -> dict:
+    """Image->text and text->image recall@{1,5,10} on paired data (each query's positive is its own pair).
+
+    `caption_aware`: also `caption_*` recalls, where any pair whose caption is identical to the query pair's counts
+    as a hit (on data with repeated captions a copy of the true caption is not a retrieval error).
+    """
     images, texts = embed(model, test)
-    return retrieval_metrics(images, texts, torch.arange(len(texts)))
+    metrics = retrieval_metrics(images, texts, torch.arange(len(texts)))
+    if caption_aware:
+        codes = {}
+        groups = torch.tensor([codes.setdefault(c, len(codes)) for c in test["captions"]])
+        same = groups[:, None] == groups[None, :]  # (pairs, pairs): identical captions
+        scores = images.float() @ texts.float().T
+        for name, query_scores in (("text_retrieval", scores), ("image_retrieval", scores.T)):
+            hits = query_hits(query_scores, same, RECALL_KS)
+            metrics.update({f"caption_{name}_recall@{k}": float(hits[k].mean()) for k in RECALL_KS})
+    return metrics
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:

@@ -38,6 +38,12 @@ def _run_one(args):
     return result
 
 
+def cached_results(jobs: list[dict], name: str) -> list[dict | None]:
+    """The cached result of each job (None where it has not run), without running anything."""
+    paths = [CACHE / name / f"{job_key(job)}.json" for job in jobs]
+    return [json.loads(path.read_text())["result"] if path.exists() else None for path in paths]
+
+
 def run_jobs(fn: Callable[[dict], dict], jobs: list[dict], name: str, workers: int = 2,
              fresh: bool = False) -> list[dict]:
     """Results of `fn(job)` for every job (from the cache when available), in order; `workers=0` runs inline."""

@@ -1,4 +1,4 @@
-"""How accurate is each method's normaliser, and how does its error grow when the batch shrinks or the data grows?
+"""How accurate is each method's normalizer, and how does its error grow when the batch shrinks or the data grows?
 
 Each method (clip's in-batch estimate, fastclip, amorlip, neuclip) trains its own model on the same data. At four
 points of training, with the current encoders, the exact alpha*_i = log(eps + g_i) of 512 probe anchors is computed
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import sys
 import time
 from contextlib import redirect_stdout
@@ -33,22 +34,35 @@ from benchmarks.common import (  # noqa: E402
     write_json,
 )
 from benchmarks.jobs import run_jobs  # noqa: E402
-from benchmarks.quality_small_batch import PAPER, SWEEP, relative_schedules  # noqa: E402
+from benchmarks.quality_small_batch import SETTINGS  # noqa: E402
 
-# Variant -> (objective, config overrides). NeuCLIP runs three ways: the setting quality_small_batch's sweep chose
-# (bank restarts every 100 steps; results/quality_small_batch.json), the config default (bank, T_r 500) and the
-# paper's (restarts from the batch, T_r 500).
+# Variant -> (objective, setting). FastCLIP and AmorLIP run their released settings in true epochs (the reference
+# settings of quality_small_batch); NeuCLIP runs three ways: restarts from a bank every 100 steps (quality_small_batch's
+# reference), the config default (bank, T_r 500) and the paper's (restarts from the batch, T_r 500). `--tuned` replaces
+# the first setting of each method by the one quality_small_batch's sweep chose (results/quality_small_batch.json).
 VARIANTS = {
-    "clip": ("clip", {}),
-    "fastclip": ("fastclip", {}),
-    "amorlip": ("amorlip", {}),
-    "neuclip": ("neuclip", SWEEP["bank, T_r 100"]),
-    "neuclip (T_r 500)": ("neuclip", {}),
-    "neuclip (paper)": ("neuclip", PAPER),
+    "clip": ("clip", {"config": {}, "args": {}}),
+    "fastclip": ("fastclip", next(iter(SETTINGS["fastclip"].values()))),
+    "amorlip": ("amorlip", next(iter(SETTINGS["amorlip"].values()))),
+    "neuclip": ("neuclip", SETTINGS["neuclip"]["bank, T_r 100"]),
+    "neuclip (T_r 500)": ("neuclip", SETTINGS["neuclip"]["bank, T_r 500"]),
+    "neuclip (paper)": ("neuclip", SETTINGS["neuclip"]["paper (batch restarts, T_r 500)"]),
 }
 METHODS = tuple(VARIANTS)
-LABELS = {**{m: m for m in METHODS}, "clip": "in-batch (clip)", "neuclip": "neuclip (T_r 100, chosen)",
+LABELS = {**{m: m for m in METHODS}, "clip": "in-batch (clip)", "fastclip": "fastclip (release settings)",
+          "amorlip": "amorlip (release settings)", "neuclip": "neuclip (bank, T_r 100)",
           "neuclip (T_r 500)": "neuclip (bank, T_r 500)", "neuclip (paper)": "neuclip (paper: batch, T_r 500)"}
+
+
+def tuned_variants(path: Path) -> tuple[dict, dict]:
+    """VARIANTS and LABELS with each method's first entry set to the setting quality_small_batch's sweep chose."""
+    sweep = json.loads(path.read_text())["sweep"]
+    variants, labels = dict(VARIANTS), dict(LABELS)
+    for variant in ("clip", "fastclip", "amorlip", "neuclip"):
+        chosen = sweep[variant]["chosen"]
+        variants[variant] = (variant, {k: sweep[variant]["settings"][chosen][k] for k in ("config", "args")})
+        labels[variant] = f"{variant} ({chosen}, tuned)"
+    return variants, labels
 
 
 def data_for(size: int) -> dict:
@@ -58,15 +72,14 @@ def data_for(size: int) -> dict:
 
 
 def accuracy_job(job: dict) -> dict:
-    """Train one method and measure its estimator's error against the exact normaliser four times."""
+    """Train one method and measure its estimator's error against the exact normalizer four times."""
     from neuclip_hf.diagnostics import NormaliserDiagnosticsCallback
 
     from benchmarks import harness as H
 
-    data = data_for(job["size"])
-    overrides = {**relative_schedules(job["method"], job["size"], job["batch"], job["steps"]),
-                 **job.get("overrides", {})}
-    trainer = H.build_trainer(job["method"], data, job["steps"], job["batch"], seed=job["seed"], **overrides)
+    data = data_for(job["size"])  # its length is the epoch: every schedule runs in true epochs
+    trainer = H.build_trainer(job["method"], data, job["steps"], job["batch"], seed=job["seed"],
+                              training_args=job["args"], **job["config"])
     diagnostics = NormaliserDiagnosticsCallback(data, every_steps=max(1, job["steps"] // 4), num_probes=job["probes"],
                                                 batch_size=job["batch"]).attach(trainer)
     start = time.time()
@@ -82,7 +95,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--fresh", action="store_true")
     parser.add_argument("--out_dir", default=None)
     parser.add_argument("--readme", default=None)
+    parser.add_argument("--tuned", nargs="?", const=str(Path(__file__).parent / "results" / "quality_small_batch.json"),
+                        default=None, help="use the settings quality_small_batch's sweep chose (its results JSON)")
     args = parser.parse_args(argv)
+    variants, labels = tuned_variants(Path(args.tuned)) if args.tuned else (VARIANTS, LABELS)
     quick = args.quick
     base = 300 if quick else 5000
     steps, probes = (12 if quick else 600), (64 if quick else 512)
@@ -91,19 +107,16 @@ def main(argv=None) -> dict:
         settings = [(base, 32), (base, 64), (10 * base, 64)]
     for size in {s for s, _ in settings}:
         data_for(size)  # build the caches once, before the parallel jobs
-    jobs, variants = [], []
+    jobs, job_variants = [], []
     for size, batch in settings:
-        for variant, (objective, overrides) in VARIANTS.items():
-            job = {"method": objective, "size": size, "batch": batch, "steps": steps, "probes": probes, "seed": 0,
-                   "quick": quick}
-            if overrides:  # (jobs without overrides keep their cache keys)
-                job["overrides"] = overrides
-            jobs.append(job)
-            variants.append(variant)
+        for variant, (objective, chosen) in variants.items():
+            jobs.append({"method": objective, "size": size, "batch": batch, "steps": steps, "probes": probes,
+                         "seed": 0, "quick": quick, "config": chosen["config"], "args": chosen["args"]})
+            job_variants.append(variant)
     results = run_jobs(accuracy_job, jobs, "normaliser-accuracy", args.workers, args.fresh)
 
     table = {}
-    for variant, job, result in zip(variants, jobs, results):
+    for variant, job, result in zip(job_variants, jobs, results):
         history = result["history"]
         table[(variant, job["size"], job["batch"])] = {
             "final_mse": history[-1]["mse"],
@@ -116,7 +129,7 @@ def main(argv=None) -> dict:
     big = settings[-1]
     rows, growth = [], {}
     for method in METHODS:
-        row = [LABELS[method]]
+        row = [labels[method]]
         for size, batch in settings:
             row.append(f"{table[(method, size, batch)]['mean_mse']:.3f}")
         halving = table[(method, base, small_batch)]["mean_mse"] / table[(method, base, large_batch)]["mean_mse"]
@@ -127,10 +140,11 @@ def main(argv=None) -> dict:
     targets = {"neuclip_mse <= 0.5 x fastclip (smallest batch)": neuclip <= 0.5 * fastclip,
                "neuclip_mse <= 0.2 x in-batch (smallest batch)": neuclip <= 0.2 * clip}
     payload = {"quick": quick, "data": "mosaic-tones", "steps": steps, "probes": probes, "settings": settings,
+               "variants": {v: {"objective": o, **chosen} for v, (o, chosen) in variants.items()},
                "results": {f"{m}/n={s}/B={b}": v for (m, s, b), v in table.items()}, "growth": growth,
                "targets": targets}
     json_path = write_json("normaliser_accuracy", payload, args.out_dir)
-    figure = _plot(table, settings, base, args.out_dir)
+    figure = _plot(table, settings, base, labels, args.out_dir)
     header = ["method"] + [f"n={s}, B={b}" for s, b in settings] + [f"B {large_batch}->{small_batch}",
                                                                     f"n {base}->{big[0]}"]
     env = environment()
@@ -140,9 +154,12 @@ def main(argv=None) -> dict:
 model for {steps} steps on mosaic-tones pairs; at 4 points the exact log(eps + g_i) of {probes} probe anchors is
 computed against the whole training set with the current encoders and compared with the method's estimate (anchors
 placed in training-size batches). Mean squared error averaged over the 4 points (columns), and its growth when the
-batch halves and when the training set grows 10x (last columns). NeuCLIP runs with the restart setting that
-`quality_small_batch` chose (a bank of recent embeddings, T_r = 100), the config default (bank, T_r = 500) and the
-paper's (restarts from the batch, T_r = 500). Machine: {env['device']}, one thread per run.
+batch halves and when the training set grows 10x (last columns). Every schedule runs in true epochs (one epoch = one
+pass over the n training pairs): FastCLIP and AmorLIP with their released settings (gamma 1 -> 0.2 over 18 epochs,
+stepped; AmorLIP's epoch = one pass, beta ramp 16 epochs, c_pos 1e-3, rho blocks), or with `--tuned` the settings
+`quality_small_batch`'s sweep chose. NeuCLIP runs with restarts from a bank of recent embeddings every 100 steps,
+the config default (bank, T_r = 500) and the paper's (restarts from the batch, T_r = 500). Machine:
+{env['device']}, one thread per run.
 
 {markdown_table(header, rows)}
 
@@ -156,20 +173,20 @@ Targets at the smallest batch: {', '.join(f"{k}: {'met' if v else 'NOT met'}" fo
     return payload
 
 
-def _plot(table: dict, settings: list, base: int, out_dir) -> Path:
+def _plot(table: dict, settings: list, base: int, labels: dict, out_dir) -> Path:
     fig, axes = subplots(3, (15, 4))
     reference_batch = settings[1][1]
     batches = [b for s, b in settings if s == base]
     for method in METHODS:
         history = table[(method, base, reference_batch)]["history"]
-        axes[0].plot([h["step"] for h in history], [h["mse"] for h in history], marker="o", label=LABELS[method])
-        axes[1].plot(batches, [table[(method, base, b)]["mean_mse"] for b in batches], marker="o", label=LABELS[method])
+        axes[0].plot([h["step"] for h in history], [h["mse"] for h in history], marker="o", label=labels[method])
+        axes[1].plot(batches, [table[(method, base, b)]["mean_mse"] for b in batches], marker="o", label=labels[method])
     big = settings[-1]
     x = range(len(METHODS))
     axes[2].bar([i - 0.2 for i in x], [table[(m, base, big[1])]["mean_mse"] for m in METHODS], 0.4, label=f"n={base}")
     axes[2].bar([i + 0.2 for i in x], [table[(m, big[0], big[1])]["mean_mse"] for m in METHODS], 0.4,
                 label=f"n={big[0]}")
-    axes[2].set_xticks(list(x), [LABELS[m] for m in METHODS])
+    axes[2].set_xticks(list(x), [labels[m] for m in METHODS])
     axes[0].set(title=f"MSE vs step (n={base}, B={reference_batch})", xlabel="step", yscale="log")
     axes[1].set(title=f"MSE vs global batch (n={base})", xlabel="batch", xscale="log", yscale="log")
     axes[2].set(title=f"MSE at B={big[1]}: data x10", yscale="log")

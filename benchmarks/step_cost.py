@@ -61,7 +61,7 @@ def estimator_memory(sizes: list[int]) -> list[dict]:
     inputs = NormalizerInputs.from_embeddings(image, image, torch.tensor(0.07), 1e-6, sample_ids=torch.arange(8))
     for n in sizes:
         for objective in ("fastclip", "neuclip", "amorlip"):
-            config = model_config("vit-b-32", objective=objective, fastclip_dataset_size=n)
+            config = model_config("vit-b-32", objective=objective, fastclip_dataset_size=n, train_num_samples=n)
             normalizer = build_normalizer(config)
             normalizer.reset_parameters()
             normalizer.update(inputs)  # builds the optimizer state

@@ -25,6 +25,7 @@ from .hub import RetryPolicy
 from .images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE
 
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
+RHO_SCHEDULE_UNITS = ("fraction", "epoch")
 
 
 @dataclass
@@ -155,10 +156,21 @@ class DataArguments:
     max_text_length: int | None = field(default=None, metadata={
         "help": "Tokens per caption, start/end included (default: the tokenizer's model_max_length, which the "
                 "trainer sets to the model's max positions)."})
+    train_num_samples: int | None = field(default=None, metadata={
+        "help": "Training-set size n: one epoch is n samples seen (FastCLIP's table size, AmorLIP's epochs, "
+                "epoch-based rho schedules, the logged epoch). Unset: counted once from parquet footers / "
+                "webdataset tar headers (cached), or taken from the Hub dataset's metadata."})
     dataset_size: int | None = field(default=None, metadata={
-        "help": "Declared number of training samples (FastCLIP table size); counted by streaming when unset."})
+        "help": "Deprecated alias of --train_num_samples."})
 
     def __post_init__(self):
+        if self.dataset_size is not None:
+            warnings.warn("--dataset_size is deprecated: use --train_num_samples (the same number of training "
+                          "samples)", FutureWarning, stacklevel=2)
+            if self.train_num_samples not in (None, self.dataset_size):
+                raise ValueError(f"--dataset_size={self.dataset_size} and --train_num_samples="
+                                 f"{self.train_num_samples} disagree; give only --train_num_samples")
+            self.train_num_samples = self.dataset_size
         checks = [
             (self.shuffle_buffer >= 0, "shuffle_buffer", "an integer >= 0"),
             (0.0 <= self.max_bad_fraction <= 1.0, "max_bad_fraction", "a fraction in [0, 1]"),
@@ -167,7 +179,7 @@ class DataArguments:
             (self.max_image_pixels >= 1, "max_image_pixels", "an integer >= 1"),
             (0.0 < self.augment_min_scale <= 1.0, "augment_min_scale", "a fraction in (0, 1]"),
             (self.max_text_length is None or self.max_text_length >= 2, "max_text_length", "None or >= 2"),
-            (self.dataset_size is None or self.dataset_size >= 1, "dataset_size", "None or >= 1"),
+            (self.train_num_samples is None or self.train_num_samples >= 1, "train_num_samples", "None or >= 1"),
         ]
         for ok, name, expected in checks:
             if not ok:
@@ -199,8 +211,18 @@ class NeuCLIPTrainingArguments(TrainingArguments):
     temperature_lr_factor: float = field(default=1 / 3, metadata={"help": "See temperature_lr_threshold."})
     rho_schedule: list[float] | None = field(
         default=None,
-        metadata={"help": "Piecewise-constant rho over equal segments of the run, e.g. `6.5 6.5 6.5 -8.0` (AmorLIP's "
-                          "annealing: the last quarter negative). Default: the config's rho throughout."},
+        metadata={"help": "Piecewise-constant rho over equal segments of the run (see --rho_schedule_unit), in this "
+                          "package's convention: rho per direction, the loss adds 2 rho T, so AmorLIP's rho_A is "
+                          "2 rho. AmorLIP's released CC12M run (--rho_list [8.5 -8.5 -8.5], 33 epochs) is "
+                          "`--rho_schedule 4.25 -4.25 -4.25 --rho_schedule_unit epoch`; its paper's medium scale "
+                          "(rho_A 6.5, -8.0 in the last quarter) is `3.25 3.25 3.25 -4.0`. Default: the config's rho."},
+    )
+    rho_schedule_unit: str = field(
+        default="fraction",
+        metadata={"help": "How --rho_schedule splits the run: `fraction` (equal parts of the run's steps) or `epoch` "
+                          "(equal blocks of whole epochs, as AmorLIP's --rho_list: epoch e of a run of E epochs, "
+                          "E = max_steps x global batch / n rounded, uses value floor(e K / E) of K; needs "
+                          "--train_num_samples)."},
     )
     max_consecutive_nonfinite: int = field(
         default=5, metadata={"help": "Stop after this many consecutive steps with a non-finite loss or estimate."}
@@ -245,6 +267,9 @@ class NeuCLIPTrainingArguments(TrainingArguments):
             raise ValueError(f"--max_consecutive_nonfinite={self.max_consecutive_nonfinite} must be >= 1")
         if self.rho_schedule is not None and len(self.rho_schedule) == 0:
             raise ValueError("--rho_schedule needs at least one value")
+        if self.rho_schedule_unit not in RHO_SCHEDULE_UNITS:
+            raise ValueError(f"--rho_schedule_unit={self.rho_schedule_unit!r} is invalid: expected one of "
+                             f"{RHO_SCHEDULE_UNITS}")
         if self.push_to_hub and self.hub_strategy in ("checkpoint", "all_checkpoints"):
             strategy = getattr(self.hub_strategy, "value", self.hub_strategy)
             raise ValueError(

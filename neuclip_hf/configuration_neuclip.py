@@ -36,7 +36,17 @@ class NeuCLIPConfig(CLIPConfig):
             `amorlip` (amortised partition function, AmorLIP) or `neuclip` (prototype normalizer network, NeuCLIP).
         eps: The epsilon inside log(eps + g) of the global contrastive objective (FastCLIP-v3 RGCL-g).
         rho: Weight of the temperature penalty: the global objectives add `2 * rho * T` (rho per direction).
-            AmorLIP's paper writes the same term as `rho_A * T`, so its rho_A equals `2 * rho` here.
+            FastCLIP's rho is this rho; AmorLIP's paper writes the term as `rho_A * T`, so its rho_A equals
+            `2 * rho` here (table in docs/baselines.md).
+        rho_reference_batch: B_ref of the batch-aware rho, `rho - log((B_ref - 1) / (B - 1))` at global batch B, for
+            the RGCL-g objectives (`fastclip`, `neuclip`): their temperature gradient is at least
+            `2 rho - 2 log(B - 1)` whatever the embeddings, so a rho tuned at B_ref has no balance point at a much
+            smaller B and T only falls. The shift keeps `rho - log(B - 1)` as at B_ref. None: rho as given.
+        learn_temperature: Train T (`logit_scale`); False keeps it at `temperature_init` (another way to give a
+            small-batch run a fixed, sensible temperature, for every objective).
+        train_num_samples: n, the training-set size: one epoch is n samples seen. FastCLIP's gamma, AmorLIP's
+            epochs and beta ramp and epoch-based rho schedules count epochs with it; the recipe and the trainer fill
+            it from the data (`--train_num_samples`, parquet footers, tar headers, a map-style dataset's length).
         temperature_init: Initial temperature T (`logit_scale = log(1/T)`). `None` picks the method's default: 0.1
             for `siglip` (logit scale 10, as in SigLIP) and 0.07 otherwise (CLIP).
         temperature_min: Lower bound of T, applied by `clamp_logit_scale_` after every step (0.01: 1/T <= 100).
@@ -51,9 +61,12 @@ class NeuCLIPConfig(CLIPConfig):
     objective: str = "neuclip"
     eps: float | int = 1e-6
     rho: float | int = 6.5
+    rho_reference_batch: int | None = None
     temperature_init: float | int | None = None
     temperature_min: float | int = 0.01
     temperature_max: float | int = 1.0
+    learn_temperature: bool = True
+    train_num_samples: int | None = None
 
     def __post_init__(self, **kwargs):
         # Each registered method's own fields, from the keyword arguments or the method's defaults.
@@ -90,6 +103,10 @@ class NeuCLIPConfig(CLIPConfig):
             self.temperature_min <= self.temperature_init <= self.temperature_max, "temperature_init",
             self.temperature_init, f"a value in [{self.temperature_min}, {self.temperature_max}]",
         )
+        _check(self.train_num_samples is None or self.train_num_samples >= 1, "train_num_samples",
+               self.train_num_samples, "None or an integer >= 1")
+        _check(self.rho_reference_batch is None or self.rho_reference_batch >= 2, "rho_reference_batch",
+               self.rho_reference_batch, "None or a global batch size >= 2")
         for method in NORMALIZERS.values():
             method.validate_config(self)
 

@@ -17,7 +17,7 @@ from transformers.utils import can_return_tuple
 
 from .configuration_neuclip import NeuCLIPConfig
 from .normalizers import Normalizer, build_normalizer
-from .objectives import ContrastiveBatch, NormalizerInputs, full_precision
+from .objectives import ContrastiveBatch, NormalizerInputs, batch_aware_rho, full_precision
 
 # Keyword arguments of `from_clip_pretrained` that go to `from_pretrained`, not into the config.
 _LOADING_KWARGS = (
@@ -102,6 +102,7 @@ class NeuCLIPModel(CLIPModel):
             for module in self.normalizer.modules():
                 module._owned_by_normalizer = True
             self._ddp_params_and_buffers_to_ignore = self.ddp_ignored_state_names()
+            self.logit_scale.requires_grad_(bool(self.config.learn_temperature))  # False: T stays at its init
         super().post_init()
 
     @torch.no_grad()
@@ -139,6 +140,11 @@ class NeuCLIPModel(CLIPModel):
     def temperature(self) -> float:
         return float(torch.exp(-self.logit_scale.detach()))
 
+    def set_train_num_samples(self, n: int) -> None:
+        """Record the training-set size n (one epoch = n samples) in the config and tell the normalizer."""
+        self.config.train_num_samples = int(n)
+        self.normalizer.set_train_num_samples(n)
+
     @torch.no_grad()
     def clamp_logit_scale_(self) -> None:
         """Keep T in [temperature_min, temperature_max] (1/T <= 100 by default); call after every step."""
@@ -163,6 +169,8 @@ class NeuCLIPModel(CLIPModel):
             sample_ids: (L,) stable sample ids, needed by `fastclip`.
             update_normalizer: Run the estimator update on the detached global batch first (training).
             rho: Temperature penalty weight for this step (defaults to `config.rho`; the trainer schedules it).
+                With `config.rho_reference_batch`, the RGCL-g objectives use the batch-aware
+                `rho - log((B_ref - 1) / (B - 1))` at global batch B.
 
         Returns:
             The loss, its components and the estimator's diagnostics (None without an update).
@@ -175,6 +183,8 @@ class NeuCLIPModel(CLIPModel):
         rho = self.config.rho if rho is None else rho
         with full_precision(image_embeds.device):
             batch = ContrastiveBatch.gather(image_embeds, text_embeds, self.logit_scale, sample_ids)
+            if normalizer.rgcl_temperature:
+                rho = batch_aware_rho(rho, batch.all_image.shape[0], self.config.rho_reference_batch)
             # The B x B batch statistics only for methods that read them (not clip / siglip).
             inputs = NormalizerInputs.from_batch(batch, self.config.eps) if normalizer.needs_statistics else None
             diagnostics = None

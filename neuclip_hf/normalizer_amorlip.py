@@ -8,8 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .distributed import rank_and_world_size
 from .normalizer_base import (
+    ConfigField,
     NormalizerEstimator,
+    bool_field,
     choice_field,
     int_field,
     number_field,
@@ -98,10 +101,11 @@ class AmortizedNormalizer(NormalizerEstimator):
     Per step (the released recipe, docs/algorithms.md 2.3): targets log Z_i = log(sum_{j!=i} exp(tau s_ij) +
     c_pos exp(tau s_ii)), blended with the previous epoch's network as log(beta lambda_prev + (1 - beta) Z);
     every `amorlip_update_period` steps `amorlip_inner_steps` Adam steps on the l2-log loss; every
-    `amorlip_ema_period` steps an EMA of the online networks into the target networks. At each boundary of an
-    epoch of `amorlip_epoch_steps` steps the target networks become the previous-epoch networks and the online
-    and target networks are re-initialised (with a fresh Adam state). The encoders divide by the blended target
-    (`blend`) or by the target network (`target`).
+    `amorlip_ema_period` steps an EMA of the online networks into the target networks. At each epoch boundary the
+    target networks become the previous-epoch networks and the online and target networks are re-initialised
+    (with a fresh Adam state); beta follows the integer epoch. An epoch is one pass over the data (samples seen /
+    `train_num_samples`, as the release), or `amorlip_epoch_steps` steps when that is set. The encoders divide by
+    the blended target (`blend`) or by the target network (`target`).
     """
 
     objective = "amorlip"
@@ -132,8 +136,12 @@ class AmortizedNormalizer(NormalizerEstimator):
                                       "(0.8).", 0, 1),
         "beta_ramp_epochs": number_field(16, "Epochs over which beta ramps from 0 to beta_T by a cosine (16 in the "
                                              "release).", 0),
-        "epoch_steps": int_field(1000, "Length of an AmorLIP \"epoch\" in steps: the previous-epoch snapshot and "
-                                       "the re-initialisation happen at its boundaries."),
+        "epoch_steps": ConfigField(
+            None, "Length of an AmorLIP epoch in steps, overriding the true epoch: the previous-epoch snapshot, the "
+                  "re-initialisation and the beta ramp follow its boundaries. None (default): one pass over the "
+                  "data, `train_num_samples / global batch` steps, as the release.",
+            lambda v: v is None or isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+            "None or an integer >= 1"),
         "positive_weight": number_field(1.0, "c_pos, weight of the positive pair inside the partition sum (1.0 in "
                                              "the paper, 1e-3 in the released script).", 0),
         "estimate_source": choice_field("blend", "What the encoder loss divides by: `blend` (beta * previous-epoch "
@@ -142,8 +150,12 @@ class AmortizedNormalizer(NormalizerEstimator):
                                         ("blend", "target")),
         "grad_clip": number_field(1.0, "Gradient-norm clip of the online networks (1.0 in the release).", 0,
                                   low_open=True, optional=True),
+        "scale_lr_by_world_size": bool_field(
+            False, "Multiply the online networks' learning rate by the number of processes, as the release does "
+                   "after each epoch's re-initialisation (`lambda_lr x world_size`); False: the paper's plain 1e-3."),
     }
     allows_negative_rho = True  # AmorLIP anneals rho to a negative value at the end of training
+    rgcl_temperature = False  # its rescaled InfoNCE has no log(B - 1) bound; fix T instead (learn_temperature)
 
     def __init__(self, config):
         super().__init__(config)
@@ -166,6 +178,7 @@ class AmortizedNormalizer(NormalizerEstimator):
         self.positive_weight = float(settings.positive_weight)
         self.estimate_source = settings.estimate_source
         self.grad_clip = settings.grad_clip
+        self.scale_lr_by_world_size = bool(settings.scale_lr_by_world_size)
         self.register_buffer("num_updates", zero_counter())
         self.register_buffer("has_previous", torch.zeros((), dtype=torch.bool))
         self.register_buffer("beta", torch.zeros(()))  # blend weight of the current epoch
@@ -179,11 +192,31 @@ class AmortizedNormalizer(NormalizerEstimator):
     def default_learning_rate(self):
         return self.learning_rate
 
+    def scaled_learning_rate(self, lr):
+        """`lr x world size` under `amorlip_scale_lr_by_world_size` (the release's `lambda_lr x world_size`)."""
+        return lr * rank_and_world_size()[1] if self.scale_lr_by_world_size else lr
+
     def _make_optimizer(self, params, lr):
         return torch.optim.Adam(params, lr=lr)
 
     def estimator_parameters(self):
         return list(self.online.parameters())
+
+    def epoch_length_problem(self):
+        if self.epoch_steps is None and self.train_num_samples is None:
+            return ("objective='amorlip' re-initialises its networks every epoch and ramps beta by epoch: set "
+                    "--train_num_samples (the training-set size; NeuCLIPConfig.train_num_samples) or "
+                    "amorlip_epoch_steps")
+        return None
+
+    def epoch_index(self, step: int, batch_size: int) -> int:
+        """The integer epoch of update `step` (0-based) at global batch `batch_size`."""
+        problem = self.epoch_length_problem()
+        if problem is not None:
+            raise ValueError(problem)
+        if self.epoch_steps is not None:
+            return step // self.epoch_steps
+        return step * batch_size // self.train_num_samples  # samples seen before this step // n
 
     def beta_at(self, epoch: int) -> float:
         """beta_t = beta_T (1 - cos(pi t / T_ramp)) / 2, held at beta_T after the ramp."""
@@ -219,10 +252,11 @@ class AmortizedNormalizer(NormalizerEstimator):
     @torch.no_grad()
     def update(self, inputs):
         with full_precision(inputs.image.device):
-            step = int(self.num_updates)
-            if step > 0 and step % self.epoch_steps == 0:
+            step, batch = int(self.num_updates), inputs.batch_size
+            epoch = self.epoch_index(step, batch)
+            if step > 0 and epoch > self.epoch_index(step - 1, batch):
                 self._start_epoch()
-            self.beta.fill_(self.beta_at(step // self.epoch_steps))
+            self.beta.fill_(self.beta_at(epoch))
             target_image, target_text = self._log_targets(inputs, slice(None))
             diagnostics = {"beta": self.beta.clone()}
             if step % self.update_period == 0:

@@ -192,6 +192,8 @@ class Normalizer(nn.Module):
     needs_statistics: ClassVar[bool] = True
     # Whether the temperature penalty weight rho may be negative (annealing schedules).
     allows_negative_rho: ClassVar[bool] = False
+    # Whether the loss is RGCL-g-shaped in T (dL/dT >= 2 rho - 2 log(B - 1)), so `rho_reference_batch` applies.
+    rgcl_temperature: ClassVar[bool] = False
     default_temperature: ClassVar[float] = 0.07  # CLIP's initial T when the config gives none
     # Initial values of the buffers that do not start at zero (counters, tables, banks and flags start at zero).
     buffer_initial_values: ClassVar[dict[str, float]] = {}
@@ -199,8 +201,18 @@ class Normalizer(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.eps = float(config.eps)
+        self.train_num_samples: int | None = config.train_num_samples
         self._optimizer: torch.optim.Optimizer | None = None
         self._learning_rate: float | None = None
+
+    # -- epochs ------------------------------------------------------------------------------------------------------
+    def set_train_num_samples(self, n: int) -> None:
+        """The training-set size (one epoch = n samples seen), for estimators with epoch-based schedules."""
+        self.train_num_samples = int(n)
+
+    def epoch_length_problem(self) -> str | None:
+        """Why this estimator cannot run without knowing the epoch length (None: it can)."""
+        return None
 
     # -- configuration ------------------------------------------------------------------------------------------
     @classmethod
@@ -253,6 +265,10 @@ class Normalizer(nn.Module):
     def default_learning_rate(self) -> float | None:
         return None
 
+    def scaled_learning_rate(self, lr: float) -> float:
+        """The learning rate the own optimizer runs at for a requested `lr` (see AmorLIP's world-size scaling)."""
+        return lr
+
     def _make_optimizer(self, params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
         raise TypeError(f"{type(self).__name__} has no optimizer")
 
@@ -262,7 +278,7 @@ class Normalizer(nn.Module):
         if not params:
             return None
         self._learning_rate = lr if lr is not None else self.default_learning_rate()
-        self._optimizer = self._make_optimizer(params, self._learning_rate)
+        self._optimizer = self._make_optimizer(params, self.scaled_learning_rate(self._learning_rate))
         return self._optimizer
 
     def ensure_optimizer(self, lr: float | None = None) -> torch.optim.Optimizer | None:
@@ -272,7 +288,7 @@ class Normalizer(nn.Module):
         if lr is not None:
             self._learning_rate = lr
             for group in self._optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = self.scaled_learning_rate(lr)
         return self._optimizer
 
     @property
@@ -331,6 +347,8 @@ class Normalizer(nn.Module):
 class NormalizerEstimator(Normalizer):
     """A normalizer that estimates alpha_i ~ log(eps + g_i) for each anchor and direction; its encoders minimise
     NeuCLIP's unified objective with that (detached) estimate."""
+
+    rgcl_temperature = True
 
     def estimate(self, inputs: NormalizerInputs) -> tuple[torch.Tensor, torch.Tensor]:
         """Detached estimates of log(eps + g1_i), log(eps + g2_i) for the anchors in `inputs.local`."""

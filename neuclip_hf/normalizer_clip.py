@@ -46,6 +46,7 @@ class InBatchNormalizer(NormalizerEstimator):
   archivePrefix = {arXiv}
 }"""
     needs_statistics = False
+    rgcl_temperature = False  # InfoNCE: no RGCL-g temperature penalty
 
     def estimate(self, inputs):
         return inputs.log_g_image[inputs.local], inputs.log_g_text[inputs.local]

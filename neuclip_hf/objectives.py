@@ -243,3 +243,15 @@ def global_contrastive_loss(batch: ContrastiveBatch, eps: float, rho: float) -> 
     temperature = batch.temperature
     log_g_image, log_g_text = batch.log_normalizers(eps)
     return temperature * (log_g_image + log_g_text).mean() + 2 * rho * temperature
+
+
+def batch_aware_rho(rho: float, batch_size: int, reference_batch: int | None) -> float:
+    """rho - log((B_ref - 1) / (B - 1)): the rho that keeps `rho - log(B - 1)` at its value for batch B_ref.
+
+    RGCL-g's temperature gradient is at least 2 rho - 2 log(B - 1) for any embeddings (the entropy of each
+    anchor's softmax over its B - 1 negatives is at most log(B - 1)), so this is what decides whether T has a
+    balance point at batch B. None: rho unchanged.
+    """
+    if reference_batch is None:
+        return rho
+    return rho - math.log((reference_batch - 1) / (batch_size - 1))

@@ -49,6 +49,7 @@ from .trainer_hub import HubPushMixin
 logger = logging.get_logger(__name__)
 
 NORMALIZER_STATE_NAME = "normalizer_optimizer.pt"
+RHO_EPOCHS_NEED_SIZE = "--rho_schedule_unit epoch counts epochs: set --train_num_samples (the training-set size)"
 DATA_STATE_NAME = "data_state_rank{rank}.pt"
 
 
@@ -57,6 +58,29 @@ def checkpoint_map_location(device: torch.device, world_size: int) -> torch.devi
     rank's accelerator in a distributed run, else the CPU (`optimizer.load_state_dict` then moves the state next to
     its parameters). Never an indexed CPU device: torch cannot restore storages onto `cpu:0`."""
     return device if world_size > 1 and device.type != "cpu" else "cpu"
+
+
+def scheduled_value(schedule: list[float], unit: str, step: int, max_steps: int, global_batch: int,
+                    train_num_samples: int | None) -> float:
+    """The value of a piecewise-constant schedule at optimizer step `step` (0-based) of a `max_steps` run.
+
+    Args:
+        schedule: K values over K equal parts of the run.
+        unit: `fraction` (parts of the steps) or `epoch` (blocks of whole epochs: epoch e = step x global_batch // n
+            of a run of E = max_steps x global_batch / n epochs rounded, uses value e K // E, as AmorLIP's --rho_list).
+        step, max_steps: The step and the run's length.
+        global_batch: Samples per step.
+        train_num_samples: n, needed by `epoch`.
+    """
+    if unit == "epoch":
+        if train_num_samples is None:
+            raise ValueError(RHO_EPOCHS_NEED_SIZE)
+        epoch = step * global_batch // train_num_samples  # the integer epoch of this step
+        total_epochs = max(1, round(max_steps * global_batch / train_num_samples))
+        index = epoch * len(schedule) // total_epochs
+    else:
+        index = step * len(schedule) // max(max_steps, 1)
+    return float(schedule[min(index, len(schedule) - 1)])
 
 
 class TemperatureThresholdLR:
@@ -154,6 +178,8 @@ class NeuCLIPTrainer(HubPushMixin, Trainer):
         )
         if streaming and args.max_steps <= 0:
             raise ValueError("--max_steps must be set (> 0) when the training data is a stream without a length")
+        if not streaming and self.train_dataset is not None:
+            self._set_train_num_samples_from(len(self.train_dataset))
         self.temperature_lr: TemperatureThresholdLR | None = None
         self.normalizer_scheduler = None
         self._nonfinite_streak = 0
@@ -182,6 +208,38 @@ class NeuCLIPTrainer(HubPushMixin, Trainer):
     @property
     def normalizer(self) -> Normalizer:
         return find_normalizer(self.model)
+
+    # -- epochs ---------------------------------------------------------------------------------------------------
+    @property
+    def train_num_samples(self) -> int | None:
+        """n, the training-set size (one epoch = n samples seen): the model config's, filled from the data."""
+        return self.core_model.config.train_num_samples
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.args.per_device_train_batch_size * self.accelerator.num_processes
+
+    def _set_train_num_samples_from(self, n: int) -> None:
+        """A map-style dataset knows its size: it defines the epoch (a different configured value is replaced)."""
+        configured = self.train_num_samples
+        if configured is not None and configured != n:
+            logger.warning(f"train_num_samples={configured} in the model config, but the training dataset has {n} "
+                           f"samples: epochs count {n}")
+        self.core_model.set_train_num_samples(n)
+
+    def epochs_seen(self) -> float | None:
+        """Samples seen so far / training-set size (true epochs); None when n is unknown."""
+        n = self.train_num_samples
+        return None if n is None else self.state.global_step * self.global_batch_size / n
+
+    def check_epoch_length(self) -> None:
+        """Refuse to start when an epoch-based schedule is on and the epoch length is unknown."""
+        problem = self.normalizer.epoch_length_problem()
+        if problem is None and self.args.rho_schedule and self.args.rho_schedule_unit == "epoch" \
+                and self.train_num_samples is None:
+            problem = RHO_EPOCHS_NEED_SIZE
+        if problem is not None:
+            raise ValueError(problem)
 
     # -- data -----------------------------------------------------------------------------------------------------
     def get_train_dataloader(self):
@@ -271,8 +329,8 @@ class NeuCLIPTrainer(HubPushMixin, Trainer):
         schedule = self.args.rho_schedule
         if not schedule:
             return None
-        total = max(self.state.max_steps, 1)
-        return float(schedule[min(self.state.global_step * len(schedule) // total, len(schedule) - 1)])
+        return scheduled_value(schedule, self.args.rho_schedule_unit, self.state.global_step, self.state.max_steps,
+                               self.global_batch_size, self.train_num_samples)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Evaluation loss: the objective with the current estimate (the normalizer is not updated)."""
@@ -403,8 +461,12 @@ class NeuCLIPTrainer(HubPushMixin, Trainer):
         A callback's `on_step_end` runs before the Trainer logs the step (`_maybe_log_save_evaluate`). Logging there
         would run `on_log`, which clears `control.should_log`: the step's training line would be lost, and on a rank
         that logged alone the all-gather of that line would be skipped (a deadlock). Such lines are queued and
-        logged right after the training line, where `Trainer` logs its own evaluation metrics.
+        logged right after the training line, where `Trainer` logs its own evaluation metrics. The logged `epoch` is
+        the true one (samples seen / training-set size) when the size is known.
         """
+        epochs = self.epochs_seen()
+        if epochs is not None:  # true epochs (samples seen / n), not the Trainer's steps per loader length
+            self.state.epoch = epochs
         if "loss" in logs and "train_runtime" not in logs:  # the periodic training line
             logs.update(self._drain_metrics())
             super().log(logs, start_time)
@@ -484,6 +546,7 @@ class NeuCLIPTrainer(HubPushMixin, Trainer):
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
         """`Trainer.train`, resuming only from complete checkpoints (`True` picks the newest complete one)."""
+        self.check_epoch_length()
         self._resume_checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir)
         if self._resume_checkpoint is not None and self.is_world_process_zero():
             # The path as the user gave it (or under the --output_dir they gave): no path is made absolute.

@@ -30,7 +30,7 @@ from neuclip_hf.arguments import (
     NeuCLIPTrainingArguments,
     parse_arguments,
 )
-from neuclip_hf.data import build_train_dataloader, count_samples, open_eval_data
+from neuclip_hf.data import build_train_dataloader, count_samples, find_train_num_samples, open_eval_data
 from neuclip_hf.diagnostics import NormalizerDiagnosticsCallback, pool_from_data
 from neuclip_hf.distributed import rank_and_world_size
 from neuclip_hf.evaluation import ZeroShotEvalCallback, ZeroShotEvaluator, format_metrics_table
@@ -52,10 +52,12 @@ def main(argv: list[str] | None = None) -> dict:
         raise ValueError("--max_steps must be set (> 0): the training data is streamed and has no length")
     set_seed(training_args.seed)
 
-    # 2. Model and processor; a method whose state is sized by the data (FastCLIP's per-sample table) gets its
-    #    config fields from the number of training samples.
+    # 2. Model and processor. The training-set size n defines the epoch (FastCLIP's gamma and table, AmorLIP's
+    #    epochs, --rho_schedule_unit epoch, the logged epoch): --train_num_samples, else counted from file metadata.
+    #    A method whose state is sized by the data (FastCLIP's per-sample table) cannot run without it.
     method = normalizer_class(model_args.objective)
-    extra = method.config_from_data(count_samples(data_args)) if method.needs_num_samples else {}
+    n = count_samples(data_args) if method.needs_num_samples else find_train_num_samples(data_args)
+    extra = {"train_num_samples": n, **method.config_from_data(n)} if n is not None else {}
     model = build_model(model_args, **extra)  # --init_from / --init_normalizer_from are applied here
     processor = build_processor(model_args, model)
     model = maybe_apply_lora(model, lora_args)  # --lora_r > 0: adapters on both towers, normalizer in full

@@ -11,6 +11,8 @@ pytestmark = pytest.mark.slow  # slow tier: benchmark quick modes
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+pytestmark = pytest.mark.slow  # benchmark quick modes: minutes, not seconds
+
 
 @pytest.fixture
 def bench_dirs(tmp_path, monkeypatch):
@@ -65,15 +67,35 @@ def test_quality_small_batch_quick(bench_dirs):
     from benchmarks import quality_small_batch
 
     out, readme = bench_dirs
-    quality_small_batch.main(["--quick", "--workers", "0", "--out_dir", str(out), "--readme", str(readme)])
+    common = ["--quick", "--workers", "0", "--out_dir", str(out), "--readme", str(readme)]
+    with pytest.raises(SystemExit, match=r"the sweep has 10 unfinished job\(s\): run --phase sweep first"):
+        quality_small_batch.main(["--phase", "seeds", *common])
+    payload = quality_small_batch.main(common)  # --quick runs all four phases
     payload = _check(out, readme, "quality_small_batch")
-    methods = {(r["dataset"], r["method"]) for r in payload["results"]}
+    methods = ("clip", "siglip", "fastclip", "amorlip", "neuclip")
+    for method in methods:  # the same budget for every method, best setting chosen from the validation runs
+        entry = payload["sweep"][method]
+        assert len(entry["settings"]) == 2 and entry["chosen"] in entry["settings"]
+        best = max(s["val_r1"] for s in entry["settings"].values())
+        assert entry["settings"][entry["chosen"]]["val_r1"] == best
+    found = {(r["dataset"], r["method"]) for r in payload["results"]}
     for dataset in ("mosaic-tones", "fashion-mnist", "mosaic-positions"):
-        for method in ("clip", "siglip", "fastclip", "amorlip", "neuclip"):
-            assert (dataset, method) in methods
-    assert {("mosaic-tones", "clip @ 2B"), ("mosaic-tones", "clip @ 4B")} <= methods
-    assert payload["sweep"]["chosen"] in payload["sweep"]["results"]
-    assert all(0.0 <= r["mean"] <= 1.0 and len(r["runs"][0]["curve"]) >= 1 for r in payload["results"])
+        for method in methods:
+            assert (dataset, method) in found
+    assert {("mosaic-tones", "clip @ 2B"), ("mosaic-tones", "clip @ 4B")} <= found
+    for entry in payload["results"] + payload["long"] + payload["probes"]:
+        assert 0.0 <= entry["mean"] <= 1.0 and 0.01 - 1e-6 <= entry["temperature_mean"] <= 1.0
+        for run in entry["runs"]:  # true epochs: samples seen / training-set size
+            assert len(run["curve"]) >= 1 and run["temperature"] > 0
+            if entry["dataset"] == "mosaic-tones":
+                assert run["epochs"] == pytest.approx(entry["steps"] * entry["batch"] / payload["train_pairs"])
+        if entry["dataset"].startswith("mosaic-positions"):
+            assert 0.0 <= entry["caption_aware_mean"] <= 1.0
+    assert {r["objective"] for r in payload["long"]} == set(methods) and all(r["steps"] == 30 for r in payload["long"])
+    probes = {r["kind"] for r in payload["probes"]}
+    assert {"best setting", "eps = 1/(B-1)", "gamma 1 (in-batch estimate)",
+            "deduplicated captions, best setting"} <= probes
+    assert "## quality_small_batch" in readme.read_text() and "caption-aware" in readme.read_text()
 
 
 def test_normaliser_accuracy_quick(bench_dirs):
@@ -83,6 +105,8 @@ def test_normaliser_accuracy_quick(bench_dirs):
     normaliser_accuracy.main(["--quick", "--workers", "0", "--out_dir", str(out), "--readme", str(readme)])
     payload = _check(out, readme, "normaliser_accuracy")
     assert set(payload["growth"]) == {"clip", "fastclip", "amorlip", "neuclip", "neuclip (T_r 500)", "neuclip (paper)"}
+    assert payload["variants"]["fastclip"]["config"]["fastclip_gamma_schedule"] == "stepped"  # released settings
+    assert payload["variants"]["amorlip"]["args"]["rho_schedule_unit"] == "epoch"
     for key, result in payload["results"].items():
         assert len(result["history"]) >= 1 and result["final_mse"] >= 0, key
 

@@ -82,7 +82,8 @@ def reference_inputs(checkpoint, batch, eps) -> NormalizerInputs:
 def test_new_normalizer_starts_from_its_initial_state(clip_checkpoint, tmp_path, objective):
     """The checkpoint has no normalizer: its buffers must start at their initial values (loading materialises
     missing tensors uninitialised; a garbage step counter would skip NeuCLIP's step-0 restart, for example)."""
-    overrides = dict(neuclip_num_prototypes=64, fastclip_dataset_size=32, fastclip_id_mode="map")
+    # train_num_samples: the training-set size (FastCLIP's table, AmorLIP's epoch length)
+    overrides = dict(neuclip_num_prototypes=64, train_num_samples=32, fastclip_id_mode="map")
     model = NeuCLIPModel.from_clip_pretrained(clip_checkpoint, objective=objective, **overrides)
     fresh = NeuCLIPModel(model.config)
     for name, value in fresh.normalizer.named_buffers():

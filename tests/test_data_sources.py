@@ -13,9 +13,12 @@ from data_fixtures import (
 )
 from transformers import HfArgumentParser
 
+import neuclip_hf.data.counting as counting
 import neuclip_hf.data.sources as sources
 from neuclip_hf import DataArguments, build_eval_dataloader, build_train_dataloader, count_samples
-from neuclip_hf.data import hash_id, open_source, shard_layout_warning, stable_sample_id
+from neuclip_hf.data import (
+    find_train_num_samples, hash_id, open_source, sample_count_cache_dir, shard_layout_warning, stable_sample_id,
+)
 
 
 @pytest.fixture(scope="module")
@@ -158,10 +161,74 @@ def test_embedded_default_is_the_parquet_path(tmp_path, proc, monkeypatch):
     assert isinstance(test_batch["class_name"][0], str)
 
 
-def test_count_samples(tmp_path):
+def test_count_samples(tmp_path, tmp_hf_home):
     write_webdataset(tmp_path / "wds", shards=3, per_shard=5)
     assert count_samples(DataArguments(train_data=str(tmp_path / "wds" / "*.tar"))) == 15
-    assert count_samples(DataArguments(train_data="unused", dataset_size=123)) == 123
+    with pytest.warns(FutureWarning, match="--dataset_size is deprecated: use --train_num_samples"):
+        args = DataArguments(train_data="unused", dataset_size=123)
+    assert args.train_num_samples == 123 and count_samples(args) == 123
+    assert count_samples(DataArguments(train_data="unused", train_num_samples=77)) == 77
+    with pytest.raises(ValueError, match="--dataset_size=5 and --train_num_samples=6 disagree"), pytest.warns(
+            FutureWarning):
+        DataArguments(dataset_size=5, train_num_samples=6)
+
+
+def _no_decoding(monkeypatch):
+    """Make any image decoding or parquet data read fail: counts must come from metadata only."""
+    import PIL.Image
+    import pyarrow.parquet as pq
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("counting read data, not metadata")
+
+    monkeypatch.setattr(PIL.Image, "open", refuse)
+    monkeypatch.setattr(pq.ParquetFile, "read", refuse)
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", refuse)
+
+
+def test_counts_come_from_parquet_footers_and_tar_headers(tmp_path, tmp_hf_home, monkeypatch):
+    write_parquet(tmp_path / "pq", shards=3, per_shard=7)
+    write_webdataset(tmp_path / "wds", shards=2, per_shard=6, caption_format="json")
+    with tarfile.open(tmp_path / "wds" / "shard-00001.tar", "a") as tar:  # hidden members are not samples
+        add_member(tar, ".DS_Store", b"x")
+        add_member(tar, "__meta__.json", b"{}")
+    _no_decoding(monkeypatch)
+    assert counting.count_parquet_rows(tmp_path / "pq" / "part-00000-of-00003.parquet") == 7
+    assert counting.count_tar_samples(tmp_path / "wds" / "shard-00001.tar") == 6
+    assert find_train_num_samples(DataArguments(train_data=str(tmp_path / "pq" / "*.parquet"))) == 21
+    assert find_train_num_samples(DataArguments(train_data=str(tmp_path / "wds"))) == 12  # a dataset directory
+
+
+def test_sample_count_cache_is_keyed_by_files_sizes_and_mtimes(tmp_path, tmp_hf_home, monkeypatch):
+    write_parquet(tmp_path / "pq", shards=2, per_shard=5)
+    args = DataArguments(train_data=str(tmp_path / "pq" / "*.parquet"))
+    calls = []
+    original = counting.count_parquet_rows
+    monkeypatch.setitem(counting.COUNTERS, "parquet", lambda path: calls.append(path) or original(path))
+    assert find_train_num_samples(args) == 10 and len(calls) == 2
+    assert find_train_num_samples(args) == 10 and len(calls) == 2  # cached: counted once
+    cached = list(sample_count_cache_dir().glob("*.json"))
+    assert len(cached) == 1 and str(tmp_hf_home) in str(cached[0])  # under HF_HOME, not in the data folder
+    assert json.loads(cached[0].read_text()) == {"num_samples": 10, "num_files": 2, "kind": "parquet"}  # no path
+    assert not any(p.suffix == ".json" for p in (tmp_path / "pq").iterdir())
+    write_parquet(tmp_path / "pq", shards=2, per_shard=6)  # same names, new contents: counted again
+    assert find_train_num_samples(args) == 12 and len(calls) == 4
+
+
+def test_unknown_training_set_size_is_a_clear_error(monkeypatch):
+    """A remote stream without a declared split size: no count (it would download everything), a clear error."""
+    import neuclip_hf.data.loader as loader
+
+    remote = sources.Source(dataset=None, description="Hub dataset org/web-pairs", builder_name="webdataset",
+                            data_files=("hf://datasets/org/web-pairs@main/train-0000.tar",))
+    monkeypatch.setattr(loader, "_prepare", lambda args, spec, split: (remote, None))
+    args = DataArguments(train_data="org/web-pairs")
+    assert find_train_num_samples(args) is None
+    with pytest.raises(ValueError, match=r"number of training samples of 'org/web-pairs' is unknown .* "
+                                         r"set --train_num_samples"):
+        count_samples(args)
+    remote.num_examples = 1234  # a dataset card that declares the split size
+    assert count_samples(args) == 1234
 
 
 def test_errors_name_the_problem(tmp_path, proc):

@@ -37,6 +37,14 @@ from neuclip_hf.presets import model_config
         ("fastclip_gamma_min", 0.0, r"fastclip_gamma_min=0.0 is invalid: expected a value in \(0, 1\]"),
         ("fastclip_id_mode", "hash", "fastclip_id_mode='hash'"),
         ("fastclip_dataset_size", 1, "fastclip_dataset_size=1"),
+        ("fastclip_gamma_schedule", "linear", r"fastclip_gamma_schedule='linear' is invalid: expected one of "
+                                              r"\('stepped', 'continuous'\)"),
+        ("fastclip_direction_reduction", "max", r"fastclip_direction_reduction='max' .* \('sum', 'mean'\)"),
+        ("fastclip_temperature_gradient", "paper", r"fastclip_temperature_gradient='paper' .* \('objective', "
+                                                   r"'release'\)"),
+        ("rho_reference_batch", 1, "rho_reference_batch=1 is invalid: expected None or a global batch size >= 2"),
+        ("train_num_samples", 0, "train_num_samples=0 is invalid: expected None or an integer >= 1"),
+        ("amorlip_epoch_steps", 0, "amorlip_epoch_steps=0 is invalid: expected None or an integer >= 1"),
     ],
 )
 def test_bad_config_values_raise_value_error_naming_the_field(field, value, message):
@@ -47,6 +55,19 @@ def test_bad_config_values_raise_value_error_naming_the_field(field, value, mess
 def test_fastclip_requires_dataset_size():
     with pytest.raises(ValueError, match="fastclip_dataset_size=None is invalid: expected the number of training"):
         NeuCLIPConfig(objective="fastclip")
+
+
+def test_fastclip_table_sized_by_the_training_set_size():
+    model = NeuCLIPModel(tiny_config("fastclip", fastclip_dataset_size=None, train_num_samples=48))
+    assert model.normalizer.log_u.shape == (2, 48) and model.normalizer.epoch_samples == 48
+
+
+def test_fixed_temperature_is_not_trained():
+    model = NeuCLIPModel(tiny_config("neuclip", learn_temperature=False, temperature_init=0.05))
+    assert not model.logit_scale.requires_grad
+    out = model(**tiny_batch(8), return_loss=True, update_normalizer=True)
+    out.loss.backward()
+    assert model.logit_scale.grad is None and model.temperature == pytest.approx(0.05)
 
 
 def test_temperature_init_defaults_and_sets_logit_scale():
@@ -210,8 +231,8 @@ def test_from_clip_pretrained_keeps_encoders_and_adds_normalizer(tmp_path, objec
     with torch.no_grad():
         clip.logit_scale.fill_(4.0)
     clip.save_pretrained(tmp_path)
-    model = NeuCLIPModel.from_clip_pretrained(
-        tmp_path, objective=objective, fastclip_dataset_size=100, neuclip_num_prototypes=8
+    model = NeuCLIPModel.from_clip_pretrained(  # train_num_samples: FastCLIP's table, AmorLIP's epoch length
+        tmp_path, objective=objective, train_num_samples=100, neuclip_num_prototypes=8
     )
     assert model.config.objective == objective and model.config.model_type == "neuclip"
     assert model.normalizer.objective == objective

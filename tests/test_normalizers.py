@@ -13,6 +13,7 @@ from neuclip_hf.normalizers import (
     PrototypeNormalizer,
     build_normalizer,
 )
+from neuclip_hf import normalizer_amorlip
 from neuclip_hf.normalizer_amorlip import log_partition_sum
 from neuclip_hf.objectives import NormalizerInputs
 
@@ -190,6 +191,50 @@ def test_fastclip_gamma_schedule():
     assert normalizer.gamma(10) == pytest.approx(0.2)
 
 
+def _cosine_gamma(epoch, decay, gamma_min):
+    """FastCLIP's cosine: gamma_min + (1 - gamma_min) (1 + cos(pi epoch / E)) / 2, gamma_min once epoch >= E."""
+    if epoch >= decay:
+        return gamma_min
+    return gamma_min + (1 - gamma_min) * 0.5 * (1 + math.cos(math.pi * epoch / decay))
+
+
+@pytest.mark.parametrize("schedule", ["stepped", "continuous"])
+def test_fastclip_gamma_in_true_epochs(schedule):
+    """Epoch = samples seen / training-set size (100 here, though the table has 150 slots), global batch 16.
+
+    stepped (the release): one value per integer epoch, 1.0 in epoch 0; continuous: the cosine at the fraction.
+    """
+    normalizer = build_normalizer(tiny_config(
+        "fastclip", fastclip_dataset_size=150, train_num_samples=100, fastclip_gamma_min=0.2,
+        fastclip_gamma_decay_epochs=4, fastclip_gamma_schedule=schedule))
+    observed, expected = [], []
+    for step in (0, 6, 7, 12, 13, 24, 25, 40):
+        normalizer.num_updates.fill_(step)
+        observed.append(normalizer.gamma(16))
+        epoch = step * 16 / 100  # 0, 0.96, 1.12, 1.92, 2.08, 3.84, 4.0, 6.4
+        if schedule == "stepped":
+            expected.append(1.0 if int(epoch) == 0 else _cosine_gamma(int(epoch), 4, 0.2))
+        else:
+            expected.append(_cosine_gamma(epoch, 4, 0.2))
+    assert observed == pytest.approx(expected, abs=1e-12)
+    if schedule == "stepped":  # constant within an epoch, stepping at the boundaries
+        epoch_one = 0.2 + 0.4 * (1 + math.cos(math.pi / 4))
+        assert observed[1] == 1.0 and observed[2] == observed[3] == pytest.approx(epoch_one)
+    else:
+        assert observed[1] < 1.0 and observed[2] > observed[3]
+
+
+def test_fastclip_stepped_gamma_without_decay_is_one_in_epoch_zero_only():
+    normalizer = build_normalizer(tiny_config("fastclip", fastclip_dataset_size=32, fastclip_gamma_min=0.3,
+                                              fastclip_gamma_decay_epochs=0))
+    for step, gamma in ((0, 1.0), (3, 1.0), (4, 0.3)):  # 4 steps of 8 are one epoch of 32
+        normalizer.num_updates.fill_(step)
+        assert normalizer.gamma(8) == gamma
+    continuous = build_normalizer(tiny_config("fastclip", fastclip_dataset_size=32, fastclip_gamma_min=0.3,
+                                              fastclip_gamma_decay_epochs=0, fastclip_gamma_schedule="continuous"))
+    assert continuous.gamma(8) == 0.3
+
+
 def test_fastclip_multi_epoch_average_beats_in_batch():
     n, batch_size, temperature = 256, 16, 0.1
     image, text = clustered_pairs(n)
@@ -276,6 +321,53 @@ def test_amorlip_epoch_boundary_snapshots_target_and_reinitialises():
         torch.testing.assert_close(value, target_before[key])
     assert not torch.equal(normalizer.online.image.fc1.weight, online_before["image.fc1.weight"])
     assert float(normalizer.beta) == pytest.approx(0.8 * 0.5 * (1 - math.cos(math.pi / 2)))
+
+
+@pytest.mark.parametrize("epoch_steps, expected", [(None, [4, 7, 10, 13]), (3, [3, 6, 9, 12])])
+def test_amorlip_epoch_boundaries_at_the_true_epoch_length(epoch_steps, expected):
+    """n = 50 samples, global batch 16: epoch of step s = 16 s // 50, so epochs start at steps 4, 7, 10, 13 (one pass
+    over the data each); an explicit amorlip_epoch_steps wins. beta follows the integer epoch."""
+    normalizer = build_normalizer(tiny_config("amorlip", train_num_samples=50, amorlip_epoch_steps=epoch_steps,
+                                              amorlip_beta_ramp_epochs=4))
+    normalizer.reset_parameters()
+    image, text = clustered_pairs(16)
+    inputs = inputs_for(image, text, 0.1)
+    starts, betas = [], []
+    original = normalizer._start_epoch
+
+    def recording():
+        starts.append(int(normalizer.num_updates))
+        original()
+
+    normalizer._start_epoch = recording
+    for _ in range(15):
+        normalizer.update(inputs)
+        betas.append(float(normalizer.beta))
+    assert starts == expected
+    epochs = [sum(step >= start for start in expected) for step in range(15)]
+    assert betas == pytest.approx([0.8 * 0.5 * (1 - math.cos(math.pi * min(e / 4, 1))) for e in epochs])
+
+
+def test_amorlip_without_epoch_length_is_a_clear_error():
+    normalizer = build_normalizer(tiny_config("amorlip", amorlip_epoch_steps=None))
+    image, text = clustered_pairs(8)
+    with pytest.raises(ValueError, match=r"objective='amorlip' re-initialises its networks every epoch .* set "
+                                         r"--train_num_samples \(the training-set size"):
+        normalizer.update(inputs_for(image, text, 0.1))
+    normalizer.set_train_num_samples(80)  # what the trainer does from the data
+    normalizer.update(inputs_for(image, text, 0.1))
+    assert int(normalizer.num_updates) == 1
+
+
+def test_amorlip_learning_rate_scaled_by_world_size(monkeypatch):
+    """The release's lambda_lr x world_size, applied to the built optimizer and to a later requested rate."""
+    monkeypatch.setattr(normalizer_amorlip, "rank_and_world_size", lambda: (0, 4))
+    scaled = build_normalizer(tiny_config("amorlip", amorlip_scale_lr_by_world_size=True))
+    assert [g["lr"] for g in scaled.optimizer.param_groups] == [pytest.approx(4e-3)]
+    scaled.ensure_optimizer(2e-3)
+    assert [g["lr"] for g in scaled.optimizer.param_groups] == [pytest.approx(8e-3)]
+    plain = build_normalizer(tiny_config("amorlip"))
+    assert [g["lr"] for g in plain.optimizer.param_groups] == [pytest.approx(1e-3)]
 
 
 def test_amorlip_blend_estimate_is_in_batch_in_epoch_zero_and_converts_to_mean_form():

@@ -10,9 +10,11 @@ from transformers import CLIPModel
 from neuclip_hf import NeuCLIPModel
 from neuclip_hf.normalizer_amorlip import amorlip_loss, log_partition_sum
 from neuclip_hf.normalizer_clip import clip_loss
+from neuclip_hf.normalizer_fastclip import fastclip_loss
 from neuclip_hf.normalizer_siglip import siglip_loss
 from neuclip_hf.objectives import (
     ContrastiveBatch,
+    batch_aware_rho,
     NormalizerInputs,
     global_contrastive_loss,
     log_mean_exp_negatives,
@@ -203,3 +205,121 @@ def test_loss_is_fp32_under_bf16_autocast(objective):
     for name, tensor in model.normalizer.state_dict().items():
         if tensor.is_floating_point():
             assert tensor.dtype == torch.float32, name
+
+
+# -- FastCLIP's named choices and the batch-aware rho ------------------------------------------------------------
+def _ghat_float64(image, text, temperature, transpose):
+    """ghat_i = mean_{j != i} exp((s_ij - s_ii) / T) in float64, written out (rows: anchors)."""
+    sim = image @ text.T
+    sim = sim.T if transpose else sim
+    n = sim.shape[0]
+    return torch.stack([
+        sum(torch.exp((sim[i, j] - sim[i, i]) / temperature) for j in range(n) if j != i) / (n - 1) for i in range(n)
+    ])
+
+
+def _ghat_temperature_derivative(image, text, temperature, transpose):
+    """d ghat_i / dT = mean_{j != i} exp(d_ij / T) * (-d_ij / T^2), d_ij = s_ij - s_ii, by the formula."""
+    sim = (image @ text.T).double()
+    sim = sim.T if transpose else sim
+    n = sim.shape[0]
+    out = []
+    for i in range(n):
+        terms = [(sim[i, j] - sim[i, i]) for j in range(n) if j != i]
+        out.append(sum(math.exp(float(d) / temperature) * (-float(d) / temperature**2) for d in terms) / (n - 1))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+@pytest.mark.parametrize("temperature_gradient", ["objective", "release"])
+def test_fastclip_named_choices_match_float64_formulas(reduction, temperature_gradient):
+    """fastclip_loss's value and its gradients in the embeddings and T against docs/algorithms.md's formulas in float64.
+
+    objective: dL/dT = mean_i sum_dir [exp(-a)(eps + ghat) + a - 1 + T exp(-a) dghat/dT] + 2 rho (the unified
+    objective); release: mean_i sum_dir [a + 2 T exp(-a) dghat/dT] + 2 rho. Embeddings, both: T exp(-a) grad ghat.
+    `mean` halves everything.
+    """
+    n, temperature, eps, rho = 7, 0.1, 1e-6, 2.5
+    batch, (image, text, logit_scale) = make_batch(n=n, dim=5, temperature=temperature, seed=3)
+    generator = torch.Generator().manual_seed(0)
+    inputs = NormalizerInputs.from_batch(batch, eps)  # estimates near the in-batch values, off by up to ~1
+    alpha = [log_g + torch.randn(n, generator=generator) * 0.5 for log_g in (inputs.log_g_image, inputs.log_g_text)]
+    loss, parts = fastclip_loss(batch, alpha[0], alpha[1], eps, rho, reduction, temperature_gradient)
+    grads = torch.autograd.grad(loss, (image, text, logit_scale))
+
+    scale = 0.5 if reduction == "mean" else 1.0
+    image64 = image.detach().double().requires_grad_(True)
+    text64 = text.detach().double().requires_grad_(True)
+    a = [x.double() for x in alpha]
+    ghats = [_ghat_float64(image64, text64, temperature, False), _ghat_float64(image64, text64, temperature, True)]
+    values = sum(torch.exp(-ai) * (eps + g) + ai - 1 for ai, g in zip(a, ghats))
+    expected_value = scale * (temperature * values.mean() + 2 * rho * temperature)
+    encoder_part = scale * temperature * sum(torch.exp(-ai) * (eps + g) for ai, g in zip(a, ghats)).mean()
+    expected_image, expected_text = torch.autograd.grad(encoder_part, (image64, text64))
+    derivatives = [_ghat_temperature_derivative(image.detach(), text.detach(), temperature, t) for t in (False, True)]
+    weighted = sum(torch.exp(-ai) * d for ai, d in zip(a, derivatives))
+    if temperature_gradient == "objective":
+        d_loss_d_t = values.detach().mean() + temperature * weighted.mean() + 2 * rho
+    else:
+        d_loss_d_t = sum(a).mean() + 2 * temperature * weighted.mean() + 2 * rho
+    d_loss_d_t = scale * d_loss_d_t
+
+    assert abs(float(loss.detach()) - float(expected_value)) < 1e-5 * max(1.0, abs(float(expected_value)))
+    assert abs(float(parts["unified"]) - float(expected_value)) < 1e-5 * max(1.0, abs(float(expected_value)))
+    torch.testing.assert_close(grads[0].double(), expected_image, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(grads[1].double(), expected_text, atol=1e-5, rtol=1e-4)
+    # logit_scale = log(1/T): dL/dlogit_scale = dL/dT * dT/dlogit_scale = -T dL/dT.
+    assert abs(float(grads[2]) - (-temperature * float(d_loss_d_t))) < 1e-4 * max(1.0, abs(float(d_loss_d_t)))
+
+
+def test_release_temperature_gradient_counts_the_derivative_term_twice():
+    """release - objective, in dL/dT at alpha = log(eps + ghat): exactly T sum_dir mean exp(-a) dghat/dT."""
+    image = unit_vectors(9, 6, 5)  # trained-like pairs: each text near its image, negatives below the positive
+    text = torch.nn.functional.normalize(image + 0.3 * unit_vectors(9, 6, 6), dim=-1)
+    logit_scale = torch.tensor(math.log(1 / 0.05), requires_grad=True)
+    batch = ContrastiveBatch.gather(image, text, logit_scale)
+    inputs = NormalizerInputs.from_batch(batch, EPS)
+    grads = {}
+    for choice in ("objective", "release"):
+        loss, _ = fastclip_loss(batch, inputs.log_g_image, inputs.log_g_text, EPS, 1.0, "sum", choice)
+        grads[choice] = -float(torch.autograd.grad(loss, logit_scale)[0]) / 0.05  # dL/dT
+    image, text = batch.all_image.detach(), batch.all_text.detach()
+    extra = sum(
+        (_ghat_temperature_derivative(image, text, 0.05, t) / torch.exp(log_g.double())).mean()
+        for t, log_g in ((False, inputs.log_g_image), (True, inputs.log_g_text))
+    )
+    assert float(extra) > 0  # dg/dT > 0 when negatives sit below the positive: the extra term pushes T down
+    assert abs((grads["release"] - grads["objective"]) - 0.05 * float(extra)) < 1e-3 * abs(float(extra))
+
+
+def test_rgcl_temperature_gradient_is_bounded_by_two_rho_minus_two_log_b():
+    """dL/dT >= 2 rho - 2 log(B - 1) at any embeddings (eps -> 0), nearly tight when one negative dominates."""
+    rho, eps, batch_size = 6.5, 1e-300, 12
+    for seed in range(6):
+        for temperature in (0.02, 0.07, 0.3):
+            batch, (_, _, logit_scale) = make_batch(n=batch_size, dim=4, temperature=temperature, seed=seed)
+            loss = global_contrastive_loss(batch, eps, rho)
+            d_loss_d_t = -float(torch.autograd.grad(loss, logit_scale)[0]) / temperature
+            assert d_loss_d_t >= 2 * rho - 2 * math.log(batch_size - 1) - 1e-4
+    # Each anchor has one close negative and the rest far: the softmax over negatives has almost no entropy.
+    text = torch.nn.functional.normalize(torch.eye(batch_size, 16)[:, :16] + 0.0, dim=-1)
+    image = torch.nn.functional.normalize(text + 0.9 * text.roll(1, 0), dim=-1)
+    logit_scale = torch.tensor(math.log(1 / 0.02), requires_grad=True)
+    batch = ContrastiveBatch.gather(image, text, logit_scale)
+    d_loss_d_t = -float(torch.autograd.grad(global_contrastive_loss(batch, eps, rho), logit_scale)[0]) / 0.02
+    assert d_loss_d_t == pytest.approx(2 * rho - 2 * math.log(batch_size - 1), abs=0.05)
+
+
+def test_batch_aware_rho_value_and_where_it_applies():
+    assert batch_aware_rho(6.5, 64, None) == 6.5
+    assert batch_aware_rho(6.5, 1024, 1024) == 6.5
+    assert batch_aware_rho(6.5, 64, 1024) == pytest.approx(6.5 - math.log(1023 / 63))  # 3.7127
+    # rho - log(B - 1) is the same at B and at B_ref: the balance of the temperature is kept.
+    assert batch_aware_rho(6.5, 64, 1024) - math.log(63) == pytest.approx(6.5 - math.log(1023))
+    batch = tiny_batch(8)
+    for objective, shifted in (("neuclip", True), ("fastclip", True), ("amorlip", False)):
+        model = NeuCLIPModel(tiny_config(objective, rho=6.5, rho_reference_batch=1024))
+        out = model(**batch, return_loss=True, update_normalizer=True)
+        rho = 6.5 - math.log(1023 / 7) if shifted else 6.5
+        expected = 2 * rho * model.temperature
+        assert float(out.loss_components["temperature_penalty"]) == pytest.approx(expected, rel=1e-5), objective

@@ -109,3 +109,41 @@ def test_two_process_recipe_run(tmp_path):
     assert [s["layout"]["rank"] for s in states] == [0, 1]
     assert all(s["layout"]["world_size"] == 2 for s in states)
     assert "zero-shot top-1 accuracy" in done.stdout
+
+
+RECIPE_EPOCHS = {"cc3m_vit_b32": 37, "cc12m_vit_b32": 33, "cc3m_vit_b32_fastclip": 37, "cc12m_vit_b32_fastclip": 33,
+                 "cc3m_vit_b32_amorlip": 30, "cc12m_vit_b32_amorlip": 33}
+
+
+@pytest.mark.parametrize("name", sorted(RECIPE_EPOCHS))
+def test_paper_recipes_parse_into_a_valid_config_with_true_epochs(name):
+    """Every flag of the recipe exists, its config overrides make a valid NeuCLIPConfig, and max_steps covers
+    the stated number of epochs of train_num_samples (docs/baselines.md)."""
+    from neuclip_hf.arguments import EvalArguments, LoraArguments, ModelArguments, parse_arguments, parse_overrides
+    from neuclip_hf.data import DataArguments
+    from neuclip_hf.presets import model_config
+    from neuclip_hf.trainer import NeuCLIPTrainingArguments
+
+    path = ROOT / "recipes" / "configs" / f"{name}.yaml"
+    model_args, _, data_args, _, args = parse_arguments(
+        (ModelArguments, LoraArguments, DataArguments, EvalArguments, NeuCLIPTrainingArguments),
+        [str(path), "--bf16", "false", "--use_cpu", "true"])  # bf16 is for the GPUs the recipes are written for
+    config = model_config(model_args.model_preset, objective=model_args.objective,
+                          train_num_samples=data_args.train_num_samples, **parse_overrides(model_args.config_overrides))
+    epochs = args.max_steps * args.per_device_train_batch_size * 8 / data_args.train_num_samples  # 8 GPUs
+    assert RECIPE_EPOCHS[name] <= epochs < RECIPE_EPOCHS[name] + 0.001
+    if config.objective == "fastclip":  # the release: eps 1e-14, no clipping, stepped gamma, mean, its T-gradient
+        assert (config.eps, args.max_grad_norm, config.fastclip_gamma_schedule, config.fastclip_direction_reduction,
+                config.fastclip_temperature_gradient) == (1e-14, 0, "stepped", "mean", "release")
+    if name == "cc12m_vit_b32_amorlip":  # rho_A +8.5 in epochs 0-10, then -8.5 (AmorLIP's --rho_list)
+        from neuclip_hf.trainer import scheduled_value
+
+        batch = args.per_device_train_batch_size * 8
+        per_epoch = {}
+        for step in range(0, args.max_steps, 997):
+            epoch = step * batch // data_args.train_num_samples
+            per_epoch.setdefault(epoch, set()).add(scheduled_value(
+                args.rho_schedule, args.rho_schedule_unit, step, args.max_steps, batch, data_args.train_num_samples))
+        assert per_epoch == {e: {4.25 if e <= 10 else -4.25} for e in range(33)}
+        assert (config.amorlip_hidden_factor, config.amorlip_positive_weight, config.amorlip_epoch_steps) == (
+            1.0, 1e-3, None)

@@ -136,6 +136,45 @@ def test_rho_schedule(tmp_path):
     assert [h["rho"] for h in trainer.state.log_history if "loss" in h] == [6.5, 6.5, -8.0, -8.0]
 
 
+@pytest.mark.parametrize("unit, expected", [("epoch", [4.25] * 5 + [-4.25] * 5 + [-1.0] * 2),
+                                            ("fraction", [4.25] * 4 + [-4.25] * 4 + [-1.0] * 4)])
+def test_rho_schedule_by_epoch(tmp_path, unit, expected):
+    """40 samples at global batch 8: 5 steps per epoch, 12 steps = 2.4 epochs, i.e. 3 whole epochs; with K = 3
+    values, epoch e uses value e K // 3 (AmorLIP's --rho_list); `fraction` splits the 12 steps in thirds."""
+    trainer = make_trainer("neuclip", tmp_path, 12, rho_schedule=[4.25, -4.25, -1.0], rho_schedule_unit=unit)
+    trainer.train()
+    assert [h["rho"] for h in trainer.state.log_history if "loss" in h] == expected
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["map_dataset", "stateful_stream"])
+def test_logged_epoch_is_samples_seen_over_training_set_size(tmp_path, streaming):
+    """44 samples, batch 8: the Trainer alone would log step / 5 (whole batches per pass) or step / max_steps (a
+    stream); the logged epoch is 8 * step / 44 (the stream's size comes from the config, as the recipe fills it)."""
+    trainer = make_trainer("clip", tmp_path, 7, streaming=streaming, dataset=PairDataset(44),
+                           model_kwargs=dict(train_num_samples=44))
+    trainer.train()
+    assert trainer.core_model.config.train_num_samples == 44
+    epochs = [h["epoch"] for h in trainer.state.log_history if "loss" in h]
+    assert epochs == pytest.approx([8 * step / 44 for step in range(1, 8)])
+
+
+def test_map_dataset_length_defines_the_epoch(tmp_path):
+    trainer = make_trainer("amorlip", tmp_path, 6, dataset=PairDataset(24), model_kwargs=dict(amorlip_epoch_steps=None))
+    assert trainer.core_model.config.train_num_samples == 24 and trainer.normalizer.train_num_samples == 24
+    trainer.train()  # epochs of 3 steps: boundaries at steps 3 (and the beta of epoch 1 in use)
+    assert bool(trainer.normalizer.has_previous)
+
+
+def test_epoch_schedules_without_training_set_size_fail_clearly(tmp_path):
+    stream = make_trainer("amorlip", tmp_path / "a", 4, streaming=True, model_kwargs=dict(amorlip_epoch_steps=None))
+    with pytest.raises(ValueError, match=r"objective='amorlip' .* set --train_num_samples"):
+        stream.train()
+    by_epoch = make_trainer("neuclip", tmp_path / "b", 4, streaming=True, rho_schedule=[1.0, 2.0],
+                            rho_schedule_unit="epoch")
+    with pytest.raises(ValueError, match=r"--rho_schedule_unit epoch counts epochs: set --train_num_samples"):
+        by_epoch.train()
+
+
 class NanAfter(PairDataset):
     """Returns NaN pixels for the fetches numbered in `poisoned_calls` (all of them when `always`)."""
 
@@ -187,6 +226,8 @@ def test_repeated_nonfinite_steps_stop_training(tmp_path):
         (dict(normalizer_learning_rate=-1.0), "--normalizer_learning_rate=-1.0 is invalid"),
         (dict(per_device_train_batch_size=1), "--per_device_train_batch_size=1 with 1 process.* global batch of 1"),
         (dict(max_consecutive_nonfinite=0), "--max_consecutive_nonfinite=0"),
+        (dict(rho_schedule_unit="steps"), r"--rho_schedule_unit='steps' is invalid: expected one of \('fraction', "
+                                          r"'epoch'\)"),
     ],
 )
 def test_bad_training_arguments(tmp_path, overrides, message):
@@ -251,3 +292,27 @@ def test_checkpoint_map_location_never_names_an_indexed_cpu():
     assert checkpoint_map_location(torch.device("cpu"), 1) == "cpu"
     assert checkpoint_map_location(torch.device("cuda", 1), 2) == torch.device("cuda", 1)
     assert checkpoint_map_location(torch.device("cuda", 0), 1) == "cpu"  # one GPU: via the CPU, as Trainer does
+
+
+@pytest.fixture
+def one_thread():
+    """A tiny model trains faster on one thread, and a busy machine does not slow it down by 10x."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_batch_aware_rho_keeps_the_temperature_inside_its_range(tmp_path, one_thread):
+    """300 steps of FastCLIP at global batch 16 on learnable pairs, rho 6.5 (tuned at B = 1024), eps ~ 0 (no eps
+    floor to hold T up): dL/dT >= 2 rho - 2 log(15) > 0 drives T to the 0.01 clamp. With rho_reference_batch=1024
+    (rho_eff = 6.5 - log(1023 / 15) = 2.28 < log 15) T has a balance point and stays inside its range."""
+    finals = {}
+    for name, extra in (("fixed rho", {}), ("batch-aware rho", {"rho_reference_batch": 1024})):
+        trainer = make_trainer("fastclip", tmp_path / name, 300, dataset=PairDataset(256), save_strategy="no",
+                               per_device_train_batch_size=16, temperature_learning_rate=0.05, logging_steps=25,
+                               model_kwargs=dict(rho=6.5, eps=1e-30, fastclip_dataset_size=256, **extra))
+        trainer.train()
+        finals[name] = [h["temperature"] for h in trainer.state.log_history if "temperature" in h]
+    assert finals["fixed rho"][-1] == pytest.approx(0.01, abs=2e-4)  # collapsed onto the clamp
+    assert min(finals["batch-aware rho"]) > 0.012 and 0.03 < finals["batch-aware rho"][-1] < 0.5

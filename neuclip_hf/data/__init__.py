@@ -10,8 +10,10 @@ from .loader import (
     build_eval_dataloader,
     build_train_dataloader,
     count_samples,
+    find_train_num_samples,
     shard_layout_warning,
 )
+from .counting import count_parquet_rows, count_tar_samples, sample_count_cache_dir
 from .samples import (
     BadSampleCounter,
     Columns,
@@ -38,12 +40,16 @@ __all__ = [
     "as_eval_data",
     "build_eval_dataloader",
     "build_train_dataloader",
+    "count_parquet_rows",
     "count_samples",
+    "count_tar_samples",
     "detect_columns",
+    "find_train_num_samples",
     "hash_id",
     "open_eval_data",
     "open_source",
     "random_resized_crop_box",
+    "sample_count_cache_dir",
     "shard_layout_warning",
     "stable_sample_id",
 ]

@@ -33,6 +33,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from ..arguments import DataArguments
 from ..images import BadSampleError
+from .counting import count_from_metadata
 from .samples import BadSampleCounter, BatchEncoder, Columns, SampleDecoder, detect_columns, image_size_of
 from .sources import EVAL_SPLITS, SHARD_COLUMN, Source, open_source
 
@@ -331,14 +332,38 @@ def build_eval_dataloader(args: DataArguments, processor, batch_size: int, num_w
                   seed=0, training=False, keep_columns=tuple(keep_columns))
 
 
-def count_samples(args: DataArguments) -> int:
-    """Training examples (FastCLIP table size): `dataset_size` if declared, the split size `datasets` knows from
-    Hub metadata, else counted by streaming the training data once (every record, bad samples included, so the
-    count bounds the number of distinct sample ids)."""
-    if args.dataset_size is not None:
-        return args.dataset_size
+def find_train_num_samples(args: DataArguments) -> int | None:
+    """The training-set size n, or None when it cannot be known without downloading the data.
+
+    In order: `--train_num_samples`; local parquet / webdataset files counted from their metadata (footers, tar
+    headers; cached, see `counting.py`); the split size a Hub dataset's card declares; other local files
+    (captions files, arrow) streamed once without decoding images (every record, bad samples included, so the
+    count bounds the number of distinct sample ids). A remote dataset without declared size gives None.
+    """
+    if args.train_num_samples is not None:
+        return args.train_num_samples
     source, columns = _prepare(args, args.train_data, args.train_split)
+    counted = count_from_metadata(list(source.data_files), source.builder_name)
+    if counted is not None:
+        return counted
     if source.num_examples is not None:
         return source.num_examples
+    if not source.data_files or not all(os.path.isfile(f) for f in source.data_files):
+        return None  # remote: streaming it to count would download it all
     smallest = source.dataset.select_columns([columns.id or columns.caption])  # read as little as possible
     return sum(len(next(iter(batch.values()))) for batch in smallest.iter(batch_size=4096))
+
+
+def count_samples(args: DataArguments) -> int:
+    """The training-set size n (`find_train_num_samples`); raises when it is unknown.
+
+    Raises:
+        ValueError: the data is a remote stream without a declared size: set `--train_num_samples`.
+    """
+    count = find_train_num_samples(args)
+    if count is None:
+        raise ValueError(
+            f"the number of training samples of {args.train_data!r} is unknown (a remote dataset without a declared "
+            "split size; counting it would download it all): set --train_num_samples"
+        )
+    return count

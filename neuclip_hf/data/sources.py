@@ -63,6 +63,8 @@ class Source:
         builder_name: The `datasets` builder that reads it (`parquet`, `webdataset`, `json`, ...).
         num_examples: Examples in the split when `datasets` knows it from metadata (Hub dataset cards), else None.
         paths_relative_to_shard: Image path strings are relative to the shard's directory (captions files).
+        data_files: The files of the split as `datasets` resolved them (local paths, or `hf://` URLs of a Hub
+            dataset); empty when the builder has none (e.g. a scripted dataset).
     """
 
     dataset: IterableDataset
@@ -70,6 +72,7 @@ class Source:
     builder_name: str
     num_examples: int | None = None
     paths_relative_to_shard: bool = False
+    data_files: tuple[str, ...] = ()
 
 
 def _file_format(path: str) -> str | None:
@@ -178,8 +181,9 @@ def _stream(path: str, kwargs: dict, split: str | tuple[str, ...], description: 
         raise ValueError(f"{description}: cannot stream split {split!r} (available: {available}): {error}") from None
     splits = builder.info.splits
     num_examples = splits[split].num_examples if splits and split in splits and splits[split].num_examples else None
+    data_files = getattr(builder.config, "data_files", None) or {}
     return Source(dataset, f"{description} [{split}]" if len(available) > 1 else description, builder.name,
-                  num_examples, relative)
+                  num_examples, relative, tuple(str(f) for f in data_files.get(split, ())))
 
 
 def _shard_label(shard) -> str:
