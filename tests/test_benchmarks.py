@@ -98,12 +98,12 @@ def test_quality_small_batch_quick(bench_dirs):
     assert "## quality_small_batch" in readme.read_text() and "caption-aware" in readme.read_text()
 
 
-def test_normaliser_accuracy_quick(bench_dirs):
-    from benchmarks import normaliser_accuracy
+def test_normalizer_accuracy_quick(bench_dirs):
+    from benchmarks import normalizer_accuracy
 
     out, readme = bench_dirs
-    normaliser_accuracy.main(["--quick", "--workers", "0", "--out_dir", str(out), "--readme", str(readme)])
-    payload = _check(out, readme, "normaliser_accuracy")
+    normalizer_accuracy.main(["--quick", "--workers", "0", "--out_dir", str(out), "--readme", str(readme)])
+    payload = _check(out, readme, "normalizer_accuracy")
     assert set(payload["growth"]) == {"clip", "fastclip", "amorlip", "neuclip", "neuclip (T_r 500)", "neuclip (paper)"}
     assert payload["variants"]["fastclip"]["config"]["fastclip_gamma_schedule"] == "stepped"  # released settings
     assert payload["variants"]["amorlip"]["args"]["rho_schedule_unit"] == "epoch"

@@ -49,7 +49,7 @@ def test_short_default_run_learns_zero_shot_and_saves_a_loadable_model(tmp_path)
     diagnostics = [h for h in history if "normalizer_mse" in h]
     assert diagnostics and diagnostics[0]["step"] == 40
     # A 512-sample pool is only 4 batches, so the in-batch estimate is close there too: no ranking is asserted here
-    # (benchmarks/normaliser_accuracy.py measures it on real pool sizes); the estimate must already be close to the
+    # (benchmarks/normalizer_accuracy.py measures it on real pool sizes); the estimate must already be close to the
     # exact value (RMS error below 0.5 nats after 40 steps) and every field finite.
     first = diagnostics[0]
     assert all(math.isfinite(first[key]) for key in ("normalizer_mse", "normalizer_bias", "normalizer_in_batch_mse"))

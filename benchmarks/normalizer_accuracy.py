@@ -11,7 +11,7 @@ batch 64, 128 and 256 on 5,000 training pairs, and at batch 128 on 50,000 pairs 
 The paper's claim under test: NeuCLIP's error barely grows when the batch halves or the data grows 10x, while the
 in-batch and FastCLIP errors grow several-fold.
 
-    python benchmarks/normaliser_accuracy.py [--quick] [--workers 2] [--fresh]
+    python benchmarks/normalizer_accuracy.py [--quick] [--workers 2] [--fresh]
 """
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ def main(argv=None) -> dict:
             jobs.append({"method": objective, "size": size, "batch": batch, "steps": steps, "probes": probes,
                          "seed": 0, "quick": quick, "config": chosen["config"], "args": chosen["args"]})
             job_variants.append(variant)
-    results = run_jobs(accuracy_job, jobs, "normaliser-accuracy", args.workers, args.fresh)
+    results = run_jobs(accuracy_job, jobs, "normalizer-accuracy", args.workers, args.fresh)
 
     table = {}
     for variant, job, result in zip(job_variants, jobs, results):
@@ -143,14 +143,14 @@ def main(argv=None) -> dict:
                "variants": {v: {"objective": o, **chosen} for v, (o, chosen) in variants.items()},
                "results": {f"{m}/n={s}/B={b}": v for (m, s, b), v in table.items()}, "growth": growth,
                "targets": targets}
-    json_path = write_json("normaliser_accuracy", payload, args.out_dir)
+    json_path = write_json("normalizer_accuracy", payload, args.out_dir)
     figure = _plot(table, settings, base, labels, args.out_dir)
     header = ["method"] + [f"n={s}, B={b}" for s, b in settings] + [f"B {large_batch}->{small_batch}",
                                                                     f"n {base}->{big[0]}"]
     env = environment()
-    body = f"""## normaliser_accuracy
+    body = f"""## normalizer_accuracy
 
-`python benchmarks/normaliser_accuracy.py` (`--quick`: 300/3,000 pairs, 12 steps). Each method trains its own tiny
+`python benchmarks/normalizer_accuracy.py` (`--quick`: 300/3,000 pairs, 12 steps). Each method trains its own tiny
 model for {steps} steps on mosaic-tones pairs; at 4 points the exact log(eps + g_i) of {probes} probe anchors is
 computed against the whole training set with the current encoders and compared with the method's estimate (anchors
 placed in training-size batches). Mean squared error averaged over the 4 points (columns), and its growth when the
@@ -165,9 +165,9 @@ the config default (bank, T_r = 500) and the paper's (restarts from the batch, T
 
 Targets at the smallest batch: {', '.join(f"{k}: {'met' if v else 'NOT met'}" for k, v in targets.items())}.
 
-![error vs step and batch](results/normaliser_accuracy.png)
+![error vs step and batch](results/normalizer_accuracy.png)
 """
-    update_readme_section("normaliser_accuracy", body, args.readme)
+    update_readme_section("normalizer_accuracy", body, args.readme)
     print(markdown_table(header, rows))
     print(f"wrote {json_path} and {figure}")
     return payload
@@ -192,7 +192,7 @@ def _plot(table: dict, settings: list, base: int, labels: dict, out_dir) -> Path
     axes[2].set(title=f"MSE at B={big[1]}: data x10", yscale="log")
     for ax in axes:
         ax.legend(fontsize=8)
-    return save_figure(fig, "normaliser_accuracy", out_dir)
+    return save_figure(fig, "normalizer_accuracy", out_dir)
 
 
 if __name__ == "__main__":
