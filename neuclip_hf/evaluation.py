@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import os
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -44,6 +45,10 @@ from .zero_shot import (
     text_max_length,
     zero_shot_classifier,
 )
+
+
+CLASSIFICATION, RETRIEVAL = "zeroshot_classification", "zeroshot_retrieval"  # CLIP_benchmark's task names
+TASKS = (CLASSIFICATION, RETRIEVAL)
 
 
 @dataclass
@@ -82,6 +87,8 @@ class ZeroShotEvaluator:
         retrieval_ks: Cut-offs of the retrieval recall.
         tie_break: How tied scores count (`metrics.TIE_RULES`): `expected` (default; independent of the order of
             the data) or CLIP_benchmark's `topk`.
+        tasks: CLIP_benchmark task names to run when the data allows them: `zeroshot_classification` (labels with
+            class names) and / or `zeroshot_retrieval` (captions).
     """
 
     def __init__(
@@ -95,6 +102,7 @@ class ZeroShotEvaluator:
         cache_inputs: bool = False,
         retrieval_ks: tuple[int, ...] = RECALL_KS,
         tie_break: str = "expected",
+        tasks: Sequence[str] = TASKS,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -106,6 +114,10 @@ class ZeroShotEvaluator:
         self.data: EvalData = as_eval_data(data, class_names)
         if self.data.class_names is not None:
             _check_class_names(self.data.class_names)
+        unknown = [task for task in tasks if task not in TASKS]
+        if unknown or not tasks:
+            raise ValueError(f"tasks={list(tasks)!r} is invalid: choose from {list(TASKS)}")
+        self.tasks = tuple(tasks)
         if tie_break not in TIE_RULES:
             raise ValueError(f"tie_break={tie_break!r} is invalid: expected one of {TIE_RULES}")
         if templates is None and self.data.templates:
@@ -130,7 +142,8 @@ class ZeroShotEvaluator:
             if self.max_samples is not None and kept >= self.max_samples:
                 return
             if expect_captions is None:
-                expect_captions = bool(row.get("has_caption", row.get("caption") is not None))
+                has_caption = row.get("has_caption", row.get("caption") is not None)
+                expect_captions = RETRIEVAL in self.tasks and bool(has_caption)
             try:
                 image = load_image(row["image"])
                 captions = self.data.captions(row.get("caption")) if expect_captions else None
@@ -193,7 +206,7 @@ class ZeroShotEvaluator:
             device = model_device(model)
             image_embeds, texts, labels, seen_names, skipped = self._encode(model)
             results: dict[str, float] = {}
-            class_names = self._class_names(labels, seen_names)
+            class_names = self._class_names(labels, seen_names) if CLASSIFICATION in self.tasks else None
             if class_names is not None and labels:
                 if max(labels) >= len(class_names):
                     raise ValueError(f"label {max(labels)} has no class name ({len(class_names)} class names)")
@@ -208,8 +221,8 @@ class ZeroShotEvaluator:
                                                  ks=self.retrieval_ks, tie_break=self.tie_break,
                                                  text_groups=text_groups))
         if not results:
-            raise ValueError(f"{self.data.description}: nothing to evaluate; the data needs labels with class "
-                             "names (zero-shot classification) or captions (retrieval)")
+            raise ValueError(f"{self.data.description}: nothing to evaluate for {', '.join(self.tasks)}; the data "
+                             "needs labels with class names (zero-shot classification) or captions (retrieval)")
         seconds = time.perf_counter() - start
         results["num_samples"] = len(image_embeds)
         results["num_skipped"] = sum(skipped.values())
@@ -355,18 +368,49 @@ class ZeroShotEvalCallback(TrainerCallback):
             self.results["best"], self.results["best_step"] = dict(metrics), step
 
 
+def check_model_location(name_or_path: str | Path) -> None:
+    """Fail early, in one line, for a model location that is neither a local directory nor a possible Hub id.
+
+    A name that looks like a path (absolute, `./`, `../`, `~`, more than one `/`, or a Windows separator) and does
+    not exist is reported as a missing directory instead of being sent to the Hub (whose failure is a long
+    connection traceback); an existing file that is not a directory is refused too.
+
+    Raises:
+        FileNotFoundError: no such local directory.
+    """
+    text = str(name_or_path)
+    path = Path(os.path.expanduser(text))
+    if path.is_dir():
+        return
+    if path.exists():
+        raise FileNotFoundError(f"{text} is a file, not a model directory (a folder with config.json)")
+    looks_local = (path.is_absolute() or text.startswith((".", "~")) or text.count("/") > 1 or "\\" in text)
+    if looks_local:
+        raise FileNotFoundError(f"no such model directory: {text}")
+
+
 def load_model_and_processor(
-    model_name_or_path: str | Path, processor_name_or_path: str | Path | None = None, device: str | None = None
+    model_name_or_path: str | Path, processor_name_or_path: str | Path | None = None, device: str | None = None,
+    trust_remote_code: bool | None = None,
 ):
     """A model (NeuCLIP or plain CLIP, through `AutoModel`) and its processor from a directory or Hub id.
 
     Raises:
-        OSError: the location has no processor and `processor_name_or_path` names none.
+        FileNotFoundError: a local-looking location that does not exist (see `check_model_location`).
+        OSError: neither a local directory nor a loadable Hub model (one line naming both), or no processor.
     """
-    model = AutoModel.from_pretrained(model_name_or_path)
+    for location in (model_name_or_path, processor_name_or_path):
+        if location is not None:
+            check_model_location(location)
+    try:
+        model = AutoModel.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
+    except OSError as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise OSError(f"{model_name_or_path} is neither a local model directory nor a model the Hub serves here "
+                      f"({first_line[:300]})") from None
     source = processor_name_or_path or model_name_or_path
     try:
-        processor = AutoProcessor.from_pretrained(source)
+        processor = AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:
         raise OSError(f"no processor found in {source}: save one next to the model with "
                       f"processor.save_pretrained(dir), or name one explicitly ({error})") from error
@@ -384,21 +428,45 @@ def evaluate_pretrained(
     max_samples: int | None = None,
     device: str | None = None,
     processor_name_or_path: str | Path | None = None,
+    tie_break: str = "expected",
+    tasks: Sequence[str] = TASKS,
+    model=None,
+    processor=None,
 ) -> dict:
     """Load a saved model and evaluate it (what `recipes/eval.py` runs).
 
+    Args:
+        model_name_or_path: The model directory or Hub id (also its name in the results).
+        data: An evaluation spec or `EvalData` (see `ZeroShotEvaluator`).
+        templates: See `ZeroShotEvaluator` (None: the data's templates, else `openai`).
+        class_names: Class names in label order.
+        batch_size: Images (and captions) encoded at a time.
+        max_samples: Evaluate the first N readable samples.
+        device: Where to run (default: where the model loads).
+        processor_name_or_path: The processor's location (default: the model's).
+        tie_break: `expected` or CLIP_benchmark's `topk`.
+        tasks: `zeroshot_classification` and / or `zeroshot_retrieval`.
+        model: An already loaded model (with `processor`): skips loading.
+        processor: Its processor.
+
     Returns:
-        `{"model", "model_class", "data", "templates", "num_templates", "metrics"}` (JSON-serialisable).
+        `{"model", "model_class", "data", "templates", "num_templates", "tasks", "metrics"}` (JSON-serialisable).
     """
-    model, processor = load_model_and_processor(model_name_or_path, processor_name_or_path, device)
-    evaluator = ZeroShotEvaluator(processor, data, class_names, templates, batch_size, max_samples)
+    if model is None:
+        model, processor = load_model_and_processor(model_name_or_path, processor_name_or_path, device)
+    evaluator = ZeroShotEvaluator(processor, data, class_names, templates, batch_size, max_samples,
+                                  tie_break=tie_break, tasks=tasks)
     metrics = evaluator(model)
+    ran = [task for task, key in ((CLASSIFICATION, "acc1"), (RETRIEVAL, "image_retrieval_recall@1"))
+           if key in metrics]
     return {
         "model": str(model_name_or_path),
         "model_class": type(model).__name__,
         "data": evaluator.data.description,
-        "templates": templates if isinstance(templates, str) else "custom",
+        "templates": evaluator.templates_description,
         "num_templates": len(evaluator.templates),
+        "tasks": ran,
+        "tie_break": tie_break,
         "metrics": metrics,
     }
 
@@ -422,8 +490,12 @@ def format_metrics_table(metrics: dict[str, float]) -> str:
 
 
 __all__ = [
+    "CLASSIFICATION",
+    "RETRIEVAL",
+    "TASKS",
     "ZeroShotEvalCallback",
     "ZeroShotEvaluator",
+    "check_model_location",
     "evaluate_pretrained",
     "format_metrics_table",
     "load_model_and_processor",

@@ -61,6 +61,7 @@ class EvalData:
         templates_source: Where `templates` came from, for messages.
         caption_lines: Each line of a caption is a caption of its own (CLIP_benchmark retrieval shards).
         class_names_source: Where `class_names` came from (`folder names`, `classnames.txt`, ...), for messages.
+        data_class_names: The names the data itself defines (before any given names replaced them), if any.
     """
 
     rows: Callable[[], Iterator[dict]]
@@ -71,6 +72,7 @@ class EvalData:
     templates_source: str | None = None
     caption_lines: bool = False
     class_names_source: str | None = None
+    data_class_names: list[str] | None = None
 
     def __iter__(self) -> Iterator[dict]:
         return self.rows()
@@ -128,6 +130,73 @@ def _label_names(feature) -> list[str] | None:
     """Class names of a `ClassLabel` feature, as prompt text (`ankle_boot` -> `ankle boot`)."""
     names = getattr(feature, "names", None)
     return [str(name).replace("_", " ") for name in names] if names else None
+
+
+# -- class names given by the user -------------------------------------------------------------------------------
+def _name_key(name: str) -> str:
+    """A spelling-insensitive key: `T-shirt/top`, `t_shirt_top` and `T shirt top` compare equal."""
+    return "".join(character for character in str(name).lower() if character.isalnum())
+
+
+def map_class_names(given: Sequence[str] | dict, data_names: Sequence[str] | None,
+                    data_source: str | None = None) -> list[str]:
+    """The prompt name of each label index from names the user gave, checked against the names the data defines.
+
+    Args:
+        given: One name per label index (label 0 first), or a mapping `{label: name}` whose keys are label indices
+            (ints or digit strings) or the data's own class names (e.g. folder names).
+        data_names: The data's class names in label order (sorted folder names for an image folder), if any.
+        data_source: Where `data_names` come from, for messages.
+
+    Raises:
+        ValueError: a count that does not match the data's classes; a list that names the data's classes in another
+            order (ambiguous: the data's order would silently pair images with the wrong names); a mapping key that
+            is no label; a label left without a name.
+    """
+    where = f" ({data_source})" if data_source else ""
+    if isinstance(given, dict):
+        index_of = {_name_key(name): i for i, name in enumerate(data_names or [])}
+        mapped: dict[int, str] = {}
+        for key, name in given.items():
+            text = str(key).strip()
+            if text.isdigit():
+                index = int(text)
+            elif _name_key(text) in index_of:
+                index = index_of[_name_key(text)]
+            else:
+                raise ValueError(f"class-name mapping key {text!r} is neither a label index nor one of the data's "
+                                 f"class names{where}: {list(data_names or [])[:20]}")
+            if index in mapped:
+                raise ValueError(f"class-name mapping gives label {index} twice ({mapped[index]!r}, {name!r})")
+            mapped[index] = str(name).strip()
+        count = len(data_names) if data_names else max(mapped) + 1
+        missing = [index for index in range(count) if index not in mapped]
+        if missing or max(mapped) >= count:
+            raise ValueError(f"class-name mapping must name each of the {count} labels 0..{count - 1} exactly; "
+                             f"missing {missing[:10]}, out of range {[i for i in mapped if i >= count][:10]}")
+        return [mapped[index] for index in range(count)]
+    names = [str(name).strip() for name in given]
+    if data_names is None:
+        return names
+    if len(names) != len(data_names):
+        raise ValueError(f"{len(names)} class names given but the data has {len(data_names)} classes{where}: "
+                         f"{list(data_names)[:20]}")
+    given_keys, data_keys = [_name_key(n) for n in names], [_name_key(n) for n in data_names]
+    shared = set(given_keys) & set(data_keys)
+    if shared and given_keys != data_keys:
+        first = next(i for i, (a, b) in enumerate(zip(given_keys, data_keys)) if a != b)
+        raise ValueError(
+            f"the class names given name the data's classes in another order: label {first} is "
+            f"{data_names[first]!r} in the data{where} but {names[first]!r} in the names given. Give the names "
+            f"in the data's label order ({', '.join(map(str, data_names))}) or a label:name mapping "
+            "(e.g. a file with lines `ankle_boot: ankle boot`)")
+    return names
+
+
+def class_name_mapping_lines(class_names: Sequence[str], data_names: Sequence[str] | None) -> list[str]:
+    """`label 0 (data: n01440764) -> tench` lines, to print before evaluating."""
+    return [f"label {i}" + (f" ({data_names[i]})" if data_names and str(data_names[i]) != name else "") + f" -> {name}"
+            for i, name in enumerate(class_names)]
 
 
 # -- CLIP_benchmark's webdataset layout ---------------------------------------------------------------------------
@@ -208,7 +277,7 @@ def find_wds_metadata(spec: str, split: str | None) -> WdsMetadata | None:
 # -- opening --------------------------------------------------------------------------------------------------------
 def open_eval_data(
     spec: str | Path | Sequence[str] | None = None,
-    class_names: Sequence[str] | None = None,
+    class_names: Sequence[str] | dict | None = None,
     split: str | None = None,
     config_name: str | None = None,
     image_column: str | None = None,
@@ -220,7 +289,9 @@ def open_eval_data(
     Args:
         spec: What to read, in `--train_data`'s forms; a list of paths is a comma-separated list. None is the
             embedded default's test split.
-        class_names: Override the class names (needed for labels without names in the data).
+        class_names: Prompt names per label (needed for labels without names in the data): a list in label order
+            or a `{label index or data class name: name}` mapping, checked by `map_class_names` against the names
+            the data defines (a list naming the data's classes in another order is refused).
         split: Split of a dataset directory / Hub dataset / CLIP_benchmark folder / Karpathy JSON (default: the
             first of test, validation, valid, val, eval that exists; data with a single split is read whole).
         config_name: `datasets` configuration of a Hub dataset.
@@ -231,7 +302,6 @@ def open_eval_data(
     Raises:
         ValueError: the spec names nothing readable, or a named column does not exist.
     """
-    explicit = list(class_names) if class_names is not None else None
     if isinstance(spec, (list, tuple)):
         spec = ",".join(str(item) for item in spec)
     spec = None if spec is None else str(spec)
@@ -272,6 +342,8 @@ def open_eval_data(
         if names_found:
             names_source = "the sorted folder names" if source.builder_name == "imagefolder" else \
                 "the label feature's names"
+    data_names = names_found
+    explicit = map_class_names(class_names, data_names, names_source) if class_names is not None else None
     relative = source.paths_relative_to_shard
 
     def rows() -> Iterator[dict]:
@@ -291,6 +363,7 @@ def open_eval_data(
         templates_source=str(Path(metadata.folder) / TEMPLATES_FILE) if metadata and metadata.templates else None,
         caption_lines=bool(metadata and metadata.dataset_type == "retrieval"),
         class_names_source="given" if explicit else names_source,
+        data_class_names=list(data_names) if data_names else None,
     )
 
 
@@ -317,5 +390,5 @@ def as_eval_data(data, class_names: Sequence[str] | None = None) -> EvalData:
                     class_names_source="given" if class_names is not None else None)
 
 
-__all__ = ["EvalData", "WdsMetadata", "as_eval_data", "find_wds_metadata", "normalize_row", "open_eval_data",
-           "parse_label"]
+__all__ = ["EvalData", "WdsMetadata", "as_eval_data", "class_name_mapping_lines", "find_wds_metadata",
+           "map_class_names", "normalize_row", "open_eval_data", "parse_label"]

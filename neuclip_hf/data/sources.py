@@ -165,6 +165,9 @@ def open_source(spec: str | None, split: str | tuple[str, ...] = "train", config
         files = [path for item in items for path in _expand(item)]
         kind, kwargs, relative = _files_source(files, spec)
         return _stream(kind, kwargs, "data", f"{len(files)} {kind} file(s) from {spec!r}", relative)
+    item = items[0]
+    if os.path.isabs(os.path.expanduser(item)) or item.startswith((".", "~")) or item.count("/") > 1:
+        raise FileNotFoundError(f"no such local file or directory: {item}")  # not a Hub name: say so, in one line
     try:  # a Hub dataset name: datasets resolves (and streams) it like a dataset directory
         return _stream(items[0], {"name": config_name}, candidates, f"Hub dataset {items[0]}", False)
     except (FileNotFoundError, ConnectionError, OSError) as error:
