@@ -122,7 +122,8 @@ class ZeroShotEvaluator:
             raise ValueError(f"tie_break={tie_break!r} is invalid: expected one of {TIE_RULES}")
         if templates is None and self.data.templates:
             self.templates = load_templates(self.data.templates)
-            self.templates_description = f"{len(self.templates)} templates from {self.data.templates_source}"
+            where = Path(self.data.templates_source)
+            self.templates_description = f"{len(self.templates)} templates from {where.parent.name}/{where.name}"
         else:
             self.templates = load_templates(templates)
             self.templates_description = describe_templates(templates, len(self.templates))

@@ -45,6 +45,7 @@ CLASSNAMES_FILE = "classnames.txt"
 TEMPLATES_FILE = "zeroshot_classification_templates.txt"
 DATASET_TYPE_FILE = "dataset_type.txt"
 NSHARDS_FILE = "nshards.txt"
+WDS_IMAGE_EXTENSIONS = ("webp", "png", "jpg", "jpeg")
 
 
 @dataclass
@@ -324,9 +325,14 @@ def open_eval_data(
     names = list(dataset.features) if dataset.features is not None else list(next(iter(dataset)))
     columns = detect_columns(dataset.features, names, source.description, image_column, caption_column,
                              label_column=label_column, evaluation=True)
-    dataset = dataset.select_columns([name for name in columns.needed if name in names])
-    if dataset.features is not None and isinstance(dataset.features.get(columns.image), datasets.Image):
-        dataset = dataset.cast_column(columns.image, datasets.Image(decode=False))  # decoded (and judged) later
+    # A webdataset sample may carry its image under any image extension (CLIP_benchmark reads the first of
+    # webp, png, jpg, jpeg that a sample has): the other image fields are fallbacks of the detected one.
+    image_fields = [columns.image] + [name for name in names if name != columns.image
+                                      and name.rsplit(".", 1)[-1].lower() in WDS_IMAGE_EXTENSIONS]
+    dataset = dataset.select_columns([name for name in dict.fromkeys(columns.needed + image_fields) if name in names])
+    for name in image_fields:
+        if dataset.features is not None and isinstance(dataset.features.get(name), datasets.Image):
+            dataset = dataset.cast_column(name, datasets.Image(decode=False))  # decoded (and judged) later
     label_feature = (dataset.features or {}).get(columns.label) if columns.label else None
     names_source = None
     if default_split is not None:
@@ -348,7 +354,7 @@ def open_eval_data(
 
     def rows() -> Iterator[dict]:
         for row in dataset:
-            image = row.get(columns.image)
+            image = next((row[name] for name in image_fields if row.get(name) is not None), None)
             yield {
                 "image": resolve_image_path(image, row.get(SHARD_COLUMN)) if relative else image,
                 "caption": row.get(columns.caption) if columns.caption else None,
