@@ -85,7 +85,8 @@ def hit_probability(
 
 
 def query_hits(
-    scores: torch.Tensor, positives: torch.Tensor, ks: tuple[int, ...], tie_break: str = "expected"
+    scores: torch.Tensor, positives: torch.Tensor, ks: tuple[int, ...], tie_break: str = "expected",
+    topk_per_k: bool = False,
 ) -> dict[int, torch.Tensor]:
     """Top-k hits of a chunk of queries: probabilities (`expected`) or 0 / 1 from `torch.topk` (`topk`).
 
@@ -94,8 +95,13 @@ def query_hits(
         positives: (Q, candidates) boolean mask of each query's positives.
         ks: The cut-offs.
         tie_break: `expected` or `topk` (see the module docstring).
+        topk_per_k: `topk` rule only: one `topk(k)` call per cut-off, as CLIP_benchmark's retrieval does (its
+            classification slices one `topk(max k)`); which tied items topk keeps depends on k.
     """
     _check_tie_break(tie_break)
+    if tie_break == "topk" and topk_per_k:
+        return {k: positives.gather(1, scores.float().topk(min(k, scores.shape[1]), dim=1).indices).any(dim=1).double()
+                for k in ks}
     if tie_break == "topk":
         depth = min(max(ks), scores.shape[1])  # CLIP_benchmark fails for k > candidates; all candidates are "in"
         top = scores.float().topk(depth, dim=1, largest=True, sorted=True).indices
@@ -159,7 +165,7 @@ def _recall(
         rows = torch.arange(start, min(start + chunk_size, len(queries)), device=queries.device)
         positives = positives_of(rows)
         keep = positives.any(dim=1)  # e.g. an image without a caption is a candidate, not a query
-        hits = query_hits(queries[rows[keep]] @ candidates.T, positives[keep], ks, tie_break)
+        hits = query_hits(queries[rows[keep]] @ candidates.T, positives[keep], ks, tie_break, topk_per_k=True)
         counted += int(keep.sum())
         for k in ks:
             sums[k] += float(hits[k].sum())
