@@ -16,8 +16,11 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=find_packages(include=["neuclip_hf", "neuclip_hf.*"]),
-    package_data={"neuclip_hf": ["assets/*", "metrics/*/*.py", "templates/*", "model_cards/*.md"]},
+    # The card templates live in the top-level model_cards/ folder (the project's layout); installed, they are the
+    # data of `neuclip_hf.model_cards`, where neuclip_hf.model_card looks first.
+    packages=find_packages(include=["neuclip_hf", "neuclip_hf.*"]) + ["neuclip_hf.model_cards"],
+    package_dir={"neuclip_hf.model_cards": "model_cards"},
+    package_data={"neuclip_hf": ["assets/*", "metrics/*/*.py", "templates/*"], "neuclip_hf.model_cards": ["*.md"]},
     include_package_data=True,
     # torch is deliberately not listed first-class: install the wheel for your platform before this package
     # (CPU: `pip install torch==2.13.0`), otherwise pip may pull a multi-GB CUDA build. torchvision is not needed.

@@ -238,6 +238,10 @@ class NeuCLIPTrainingArguments(TrainingArguments):
     ddp_find_unused_parameters: bool | None = field(default=False, metadata={"help": "All encoder weights are used."})
     logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
     dataloader_drop_last: bool = field(default=True, metadata={"help": "Equal batches on every rank."})
+    hub_push_tensorboard: bool = field(
+        default=False, metadata={"help": "Also push the TensorBoard event files under output_dir/runs/ "
+                                         "(--report_to tensorboard writes them) with the model."}
+    )
     hub_push_attempts: int = field(
         default=4, metadata={"help": "Attempts of each Hub call of a push (network errors, HTTP 408/429/5xx)."}
     )
@@ -324,20 +328,40 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 
 
 def parse_arguments(dataclass_types: tuple, argv: list[str], default_config: str | Path | None = None) -> tuple:
-    """Parse `argv` into the dataclasses; a leading .yaml/.json file supplies values the flags can override.
+    """Parse `argv` into the dataclasses: dataclass defaults < one YAML/JSON config file < command-line flags.
+
+    The config file may stand anywhere in `argv` (a `.yaml` / `.yml` / `.json` token that is not the value of a
+    flag, such as `--deepspeed ds.json`); without one, `default_config` is used, so `--max_steps 100` alone changes
+    only the steps of the default run. Flags always override the file, whatever their position.
 
     Args:
         dataclass_types: The argument dataclasses, e.g. (ModelArguments, DataArguments, NeuCLIPTrainingArguments).
         argv: Command-line tokens (without the program name).
-        default_config: File used when `argv` is empty (the recipe's no-argument default run).
+        default_config: The file used when `argv` names none (the recipe's default run).
+
+    Raises:
+        ValueError: more than one config file, a key of the file or a flag that no dataclass has.
+        FileNotFoundError: a config file that does not exist.
     """
     parser = HfArgumentParser(dataclass_types)
-    if not argv and default_config is not None:
-        argv = [str(default_config)]
-    tokens = list(argv)
-    if tokens and Path(tokens[0]).suffix in CONFIG_SUFFIXES:
-        tokens = _to_cli(read_config_file(tokens[0])) + tokens[1:]
+    takes_value = {option for action in parser._actions for option in action.option_strings if action.nargs != 0}
     known = {option for action in parser._actions for option in action.option_strings}
+    tokens, configs = [], []
+    for index, token in enumerate(argv):
+        is_value = index > 0 and argv[index - 1].split("=")[0] in takes_value and "=" not in argv[index - 1]
+        if Path(token).suffix in CONFIG_SUFFIXES and not token.startswith("-") and not is_value:
+            configs.append(token)
+        else:
+            tokens.append(token)
+    if len(configs) > 1:
+        raise ValueError(f"give at most one config file, got {configs}")
+    config = configs[0] if configs else default_config
+    if config is not None:
+        values = read_config_file(config)
+        unknown_keys = [key for key in values if f"--{key}" not in known]
+        if unknown_keys:
+            raise ValueError(f"{Path(config).name}: unknown key(s) {', '.join(unknown_keys)} (see --help)")
+        tokens = _to_cli(values) + tokens  # argparse keeps the last value: the command line wins
     unknown = [t for t in tokens if t.startswith("--") and t.split("=")[0] not in known]
     if unknown:
         raise ValueError(f"unknown argument(s): {', '.join(unknown)} (see --help)")

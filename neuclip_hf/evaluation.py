@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import os
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -29,11 +30,12 @@ from transformers import AutoModel, AutoProcessor, TrainerCallback
 from .data.eval_data import EvalData, as_eval_data
 from .distributed import main_process_result
 from .images import BadSampleError, load_image
-from .metrics import RECALL_KS, classification_metrics, retrieval_metrics
+from .metrics import RECALL_KS, TIE_RULES, classification_metrics, retrieval_metrics
 from .zero_shot import (
     _check_class_names,
     _image_processor,
     _tokenizer,
+    describe_templates,
     encode_images,
     encode_texts,
     evaluation_mode,
@@ -45,14 +47,24 @@ from .zero_shot import (
 )
 
 
+CLASSIFICATION, RETRIEVAL = "zeroshot_classification", "zeroshot_retrieval"  # CLIP_benchmark's task names
+TASKS = (CLASSIFICATION, RETRIEVAL)
+
+
 @dataclass
 class _Batch:
-    """One preprocessed batch: model inputs plus labels (None when unlabelled)."""
+    """One preprocessed batch: model inputs plus labels (None when unlabelled).
+
+    Captions are tokenized to the fixed length `max_length` (not to the longest in the batch), so that a caption's
+    tokens, and with them its embedding, never depend on which other captions share its batch.
+    """
 
     pixel_values: torch.Tensor
     labels: list[int | None]
     class_names: list[str | None]
-    text_inputs: dict[str, torch.Tensor] | None
+    text_ids: torch.Tensor | None  # (captions in the batch, max_length)
+    text_mask: torch.Tensor | None
+    captions_per_image: list[int] | None
 
 
 class ZeroShotEvaluator:
@@ -65,12 +77,18 @@ class ZeroShotEvaluator:
             webdataset files, see `data.open_eval_data`), an `EvalData`, or an iterable of rows with
             image / caption / label columns (e.g. a `datasets.Dataset`).
         class_names: Class names for prompts (default: from the data).
-        templates: Prompt templates: `openai` (80), `simple` (7), a file or a list of strings with `{}`.
+        templates: Prompt templates: `openai` (80), `simple` (7), a file or a list of strings with `{}` (or
+            CLIP_benchmark's `{c}`); None: the data's own templates (CLIP_benchmark's
+            `zeroshot_classification_templates.txt`) if it has them, else `openai`.
         batch_size: Images (and captions) encoded at a time.
         max_samples: Evaluate on the first `max_samples` readable samples only.
         cache_inputs: Keep the decoded, preprocessed batches in memory after the first call, so later calls
             (every `eval_steps` in training) skip reading and decoding. Costs 4 x 3 x size^2 bytes per image.
         retrieval_ks: Cut-offs of the retrieval recall.
+        tie_break: How tied scores count (`metrics.TIE_RULES`): `expected` (default; independent of the order of
+            the data) or CLIP_benchmark's `topk`.
+        tasks: CLIP_benchmark task names to run when the data allows them: `zeroshot_classification` (labels with
+            class names) and / or `zeroshot_retrieval` (captions).
     """
 
     def __init__(
@@ -83,6 +101,8 @@ class ZeroShotEvaluator:
         max_samples: int | None = None,
         cache_inputs: bool = False,
         retrieval_ks: tuple[int, ...] = RECALL_KS,
+        tie_break: str = "expected",
+        tasks: Sequence[str] = TASKS,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -94,14 +114,26 @@ class ZeroShotEvaluator:
         self.data: EvalData = as_eval_data(data, class_names)
         if self.data.class_names is not None:
             _check_class_names(self.data.class_names)
-        self.templates = load_templates(templates)
+        unknown = [task for task in tasks if task not in TASKS]
+        if unknown or not tasks:
+            raise ValueError(f"tasks={list(tasks)!r} is invalid: choose from {list(TASKS)}")
+        self.tasks = tuple(tasks)
+        if tie_break not in TIE_RULES:
+            raise ValueError(f"tie_break={tie_break!r} is invalid: expected one of {TIE_RULES}")
+        if templates is None and self.data.templates:
+            self.templates = load_templates(self.data.templates)
+            where = Path(self.data.templates_source)
+            self.templates_description = f"{len(self.templates)} templates from {where.parent.name}/{where.name}"
+        else:
+            self.templates = load_templates(templates)
+            self.templates_description = describe_templates(templates, len(self.templates))
         self.batch_size, self.max_samples = batch_size, max_samples
-        self.cache_inputs, self.retrieval_ks = cache_inputs, tuple(retrieval_ks)
+        self.cache_inputs, self.retrieval_ks, self.tie_break = cache_inputs, tuple(retrieval_ks), tie_break
         self._cache: tuple[list[_Batch], Counter] | None = None
 
     # -- reading ------------------------------------------------------------------------------------------------
     def _samples(self, skipped: Counter) -> Iterator[tuple]:
-        """Decoded (image, caption, label, class_name) tuples; bad samples are counted in `skipped`, not yielded.
+        """Decoded (image, captions, label, class_name) tuples; bad samples are counted in `skipped`, not yielded.
 
         Whether captions are expected is decided by the first row: once a source has a caption column, a row
         without a usable caption is a bad sample (as in training), not a silently unpaired image.
@@ -111,15 +143,16 @@ class ZeroShotEvaluator:
             if self.max_samples is not None and kept >= self.max_samples:
                 return
             if expect_captions is None:
-                expect_captions = bool(row.get("has_caption", row.get("caption") is not None))
+                has_caption = row.get("has_caption", row.get("caption") is not None)
+                expect_captions = RETRIEVAL in self.tasks and bool(has_caption)
             try:
                 image = load_image(row["image"])
-                caption = self.data.caption(row.get("caption")) if expect_captions else None
+                captions = self.data.captions(row.get("caption")) if expect_captions else None
             except BadSampleError as error:
                 skipped[error.reason] += 1
                 continue
             kept += 1
-            yield image, caption, row.get("label"), row.get("class_name")
+            yield image, captions, row.get("label"), row.get("class_name")
 
     def _batches(self, max_length: int, skipped: Counter) -> Iterator[_Batch]:
         """Preprocessed batches, from the cache after the first full pass when `cache_inputs` is set."""
@@ -144,12 +177,14 @@ class ZeroShotEvaluator:
     def _preprocess(self, batch: list[tuple], max_length: int) -> _Batch:
         images, captions, labels, class_names = zip(*batch)
         pixel_values = _image_processor(self.processor)(images=list(images), return_tensors="pt")["pixel_values"]
-        text_inputs = None
+        text_ids = text_mask = counts = None
         if captions[0] is not None:  # all or none: see `_samples`
-            text_inputs = dict(_tokenizer(self.processor)(
-                list(captions), padding=True, truncation=True, max_length=max_length, return_tensors="pt"
-            ))
-        return _Batch(pixel_values, list(labels), list(class_names), text_inputs)
+            flat = [text for texts in captions for text in texts]
+            tokens = _tokenizer(self.processor)(flat, padding="max_length", truncation=True, max_length=max_length,
+                                                return_tensors="pt")
+            text_ids, text_mask = tokens["input_ids"], tokens["attention_mask"]
+            counts = [len(texts) for texts in captions]
+        return _Batch(pixel_values, list(labels), list(class_names), text_ids, text_mask, counts)
 
     # -- evaluation ---------------------------------------------------------------------------------------------
     def __call__(self, model: torch.nn.Module) -> dict[str, float]:
@@ -157,7 +192,9 @@ class ZeroShotEvaluator:
 
         Returns:
             `acc1`, `acc5` (>= 5 classes), `mean_per_class_recall` (labelled data with class names),
-            `image_retrieval_recall@k`, `text_retrieval_recall@k` (captioned data), `num_samples`,
+            `image_retrieval_recall@k`, `text_retrieval_recall@k` with their `_ceiling` and `_caption_aware`
+            versions, `num_texts` and `num_distinct_texts` (captioned data; see `metrics.retrieval_metrics`),
+            `num_samples`,
             `num_skipped` and `num_skipped_<reason>` per bad-sample reason, `seconds` and `images_per_second`.
 
         Raises:
@@ -168,23 +205,25 @@ class ZeroShotEvaluator:
         start = time.perf_counter()
         with evaluation_mode(model):
             device = model_device(model)
-            image_embeds, text_embeds, labels, seen_names, skipped = self._encode(model)
+            image_embeds, texts, labels, seen_names, skipped = self._encode(model)
             results: dict[str, float] = {}
-            class_names = self._class_names(labels, seen_names)
+            class_names = self._class_names(labels, seen_names) if CLASSIFICATION in self.tasks else None
             if class_names is not None and labels:
                 if max(labels) >= len(class_names):
                     raise ValueError(f"label {max(labels)} has no class name ({len(class_names)} class names)")
                 weights = zero_shot_classifier(model, self.processor, class_names, self.templates,
                                                batch_size=max(self.batch_size, 256))
                 logits = logit_scale(model) * image_embeds.to(device) @ weights
-                results.update(classification_metrics(logits, torch.tensor(labels, device=device)))
-            if text_embeds is not None:
-                text_to_image = torch.arange(len(text_embeds), device=device)  # row i pairs image i with caption i
+                results.update(classification_metrics(logits, torch.tensor(labels, device=device),
+                                                       tie_break=self.tie_break))
+            if texts is not None:
+                text_embeds, text_to_image, text_groups = texts
                 results.update(retrieval_metrics(image_embeds.to(device), text_embeds.to(device), text_to_image,
-                                                 ks=self.retrieval_ks))
+                                                 ks=self.retrieval_ks, tie_break=self.tie_break,
+                                                 text_groups=text_groups))
         if not results:
-            raise ValueError(f"{self.data.description}: nothing to evaluate; the data needs labels with class "
-                             "names (zero-shot classification) or captions (retrieval)")
+            raise ValueError(f"{self.data.description}: nothing to evaluate for {', '.join(self.tasks)}; the data "
+                             "needs labels with class names (zero-shot classification) or captions (retrieval)")
         seconds = time.perf_counter() - start
         results["num_samples"] = len(image_embeds)
         results["num_skipped"] = sum(skipped.values())
@@ -195,22 +234,33 @@ class ZeroShotEvaluator:
         return results
 
     def _encode(self, model: torch.nn.Module):
-        """Normalised image (and caption) embeddings of all kept samples, their labels and class-name column."""
-        image_chunks, text_chunks, labels, names = [], [], [], []
+        """Normalised image embeddings of all kept samples, the texts (embeddings, image index, identical-text ids;
+        None without captions), the labels and the class-name column."""
+        image_chunks, id_chunks, counts, labels, names = [], [], [], [], []
         skipped: Counter = Counter()
         for batch in self._batches(text_max_length(model, self.processor), skipped):
             image_chunks.append(encode_images(model, batch.pixel_values).cpu())
-            if batch.text_inputs is not None:
-                text_chunks.append(encode_texts(model, batch.text_inputs["input_ids"],
-                                                batch.text_inputs.get("attention_mask")).cpu())
+            if batch.text_ids is not None:
+                id_chunks.append(torch.cat([batch.text_ids, batch.text_mask], dim=1))
+                counts.extend(batch.captions_per_image)
             labels.extend(batch.labels)
             names.extend(batch.class_names)
         if not image_chunks:
             reasons = ", ".join(f"{reason}: {count}" for reason, count in skipped.items()) or "the data is empty"
             raise ValueError(f"{self.data.description}: no readable sample to evaluate ({reasons})")
-        text_embeds = torch.cat(text_chunks) if text_chunks else None
+        texts = None
+        if id_chunks:
+            # Identical token sequences are encoded once: copies of a caption get one embedding (exact ties, never
+            # float noise from batch composition), and the distinct ones, sorted, are batched the same way
+            # whatever the order of the data.
+            distinct, text_groups = torch.unique(torch.cat(id_chunks), dim=0, return_inverse=True)
+            ids, mask = distinct.chunk(2, dim=1)  # rows are [input_ids | attention_mask]
+            embeds = torch.cat([encode_texts(model, ids[start:start + self.batch_size], mask[start:start + self.batch_size])
+                                .cpu() for start in range(0, len(distinct), self.batch_size)])
+            text_to_image = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+            texts = (embeds[text_groups], text_to_image, text_groups)
         usable_labels = labels if all(label is not None for label in labels) else []
-        return torch.cat(image_chunks), text_embeds, usable_labels, names, skipped
+        return torch.cat(image_chunks), texts, usable_labels, names, skipped
 
     def _class_names(self, labels: list[int], seen_names: list[str | None]) -> list[str] | None:
         """The data's class names, else names read from a `class_name` column (label -> name)."""
@@ -319,18 +369,49 @@ class ZeroShotEvalCallback(TrainerCallback):
             self.results["best"], self.results["best_step"] = dict(metrics), step
 
 
+def check_model_location(name_or_path: str | Path) -> None:
+    """Fail early, in one line, for a model location that is neither a local directory nor a possible Hub id.
+
+    A name that looks like a path (absolute, `./`, `../`, `~`, more than one `/`, or a Windows separator) and does
+    not exist is reported as a missing directory instead of being sent to the Hub (whose failure is a long
+    connection traceback); an existing file that is not a directory is refused too.
+
+    Raises:
+        FileNotFoundError: no such local directory.
+    """
+    text = str(name_or_path)
+    path = Path(os.path.expanduser(text))
+    if path.is_dir():
+        return
+    if path.exists():
+        raise FileNotFoundError(f"{text} is a file, not a model directory (a folder with config.json)")
+    looks_local = (path.is_absolute() or text.startswith((".", "~")) or text.count("/") > 1 or "\\" in text)
+    if looks_local:
+        raise FileNotFoundError(f"no such model directory: {text}")
+
+
 def load_model_and_processor(
-    model_name_or_path: str | Path, processor_name_or_path: str | Path | None = None, device: str | None = None
+    model_name_or_path: str | Path, processor_name_or_path: str | Path | None = None, device: str | None = None,
+    trust_remote_code: bool | None = None,
 ):
     """A model (NeuCLIP or plain CLIP, through `AutoModel`) and its processor from a directory or Hub id.
 
     Raises:
-        OSError: the location has no processor and `processor_name_or_path` names none.
+        FileNotFoundError: a local-looking location that does not exist (see `check_model_location`).
+        OSError: neither a local directory nor a loadable Hub model (one line naming both), or no processor.
     """
-    model = AutoModel.from_pretrained(model_name_or_path)
+    for location in (model_name_or_path, processor_name_or_path):
+        if location is not None:
+            check_model_location(location)
+    try:
+        model = AutoModel.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
+    except OSError as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise OSError(f"{model_name_or_path} is neither a local model directory nor a model the Hub serves here "
+                      f"({first_line[:300]})") from None
     source = processor_name_or_path or model_name_or_path
     try:
-        processor = AutoProcessor.from_pretrained(source)
+        processor = AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:
         raise OSError(f"no processor found in {source}: save one next to the model with "
                       f"processor.save_pretrained(dir), or name one explicitly ({error})") from error
@@ -348,21 +429,45 @@ def evaluate_pretrained(
     max_samples: int | None = None,
     device: str | None = None,
     processor_name_or_path: str | Path | None = None,
+    tie_break: str = "expected",
+    tasks: Sequence[str] = TASKS,
+    model=None,
+    processor=None,
 ) -> dict:
     """Load a saved model and evaluate it (what `recipes/eval.py` runs).
 
+    Args:
+        model_name_or_path: The model directory or Hub id (also its name in the results).
+        data: An evaluation spec or `EvalData` (see `ZeroShotEvaluator`).
+        templates: See `ZeroShotEvaluator` (None: the data's templates, else `openai`).
+        class_names: Class names in label order.
+        batch_size: Images (and captions) encoded at a time.
+        max_samples: Evaluate the first N readable samples.
+        device: Where to run (default: where the model loads).
+        processor_name_or_path: The processor's location (default: the model's).
+        tie_break: `expected` or CLIP_benchmark's `topk`.
+        tasks: `zeroshot_classification` and / or `zeroshot_retrieval`.
+        model: An already loaded model (with `processor`): skips loading.
+        processor: Its processor.
+
     Returns:
-        `{"model", "model_class", "data", "templates", "num_templates", "metrics"}` (JSON-serialisable).
+        `{"model", "model_class", "data", "templates", "num_templates", "tasks", "metrics"}` (JSON-serialisable).
     """
-    model, processor = load_model_and_processor(model_name_or_path, processor_name_or_path, device)
-    evaluator = ZeroShotEvaluator(processor, data, class_names, templates, batch_size, max_samples)
+    if model is None:
+        model, processor = load_model_and_processor(model_name_or_path, processor_name_or_path, device)
+    evaluator = ZeroShotEvaluator(processor, data, class_names, templates, batch_size, max_samples,
+                                  tie_break=tie_break, tasks=tasks)
     metrics = evaluator(model)
+    ran = [task for task, key in ((CLASSIFICATION, "acc1"), (RETRIEVAL, "image_retrieval_recall@1"))
+           if key in metrics]
     return {
         "model": str(model_name_or_path),
         "model_class": type(model).__name__,
         "data": evaluator.data.description,
-        "templates": templates if isinstance(templates, str) else "custom",
+        "templates": evaluator.templates_description,
         "num_templates": len(evaluator.templates),
+        "tasks": ran,
+        "tie_break": tie_break,
         "metrics": metrics,
     }
 
@@ -386,8 +491,12 @@ def format_metrics_table(metrics: dict[str, float]) -> str:
 
 
 __all__ = [
+    "CLASSIFICATION",
+    "RETRIEVAL",
+    "TASKS",
     "ZeroShotEvalCallback",
     "ZeroShotEvaluator",
+    "check_model_location",
     "evaluate_pretrained",
     "format_metrics_table",
     "load_model_and_processor",

@@ -59,6 +59,7 @@ NORMALIZER_PREFIX = "normalizer."  # where the normalizer's keys live in a full 
 UPLOAD_PATTERNS = ("*.safetensors", "*.json", "*.py", "README.md", "merges.txt", "vocab.txt", "*.model")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy", ".npz")
 TEXT_SUFFIXES = (".json", ".py", ".md", ".txt", ".model", ".yaml", ".yml")  # scanned for the token before upload
+TENSORBOARD_PREFIX = "events.out.tfevents."  # TensorBoard event files, written under runs/ by report_to=tensorboard
 RETRIABLE_STATUS = (408, 429)  # besides every 5xx: request timeout and rate limit
 
 T = TypeVar("T")
@@ -193,10 +194,12 @@ def call_with_retry(action: Callable[[], T], what: str, repo_id: str, retry: Ret
 
 
 # -- what gets uploaded -----------------------------------------------------------------------------------------
-def upload_files(folder: str | os.PathLike) -> list[str]:
+def upload_files(folder: str | os.PathLike, include_tensorboard: bool = False) -> list[str]:
     """The files of `folder` a push uploads (paths relative to it, sorted): model files only, never pickles.
 
-    Checkpoint sub-folders (`checkpoint-*`), hidden and private files (`.*`, `_*`) and logs are left out.
+    Checkpoint sub-folders (`checkpoint-*`), hidden and private files (`.*`, `_*`) and logs are left out; with
+    `include_tensorboard`, the TensorBoard event files under `runs/` (`events.out.tfevents.*`) go too, as
+    `Trainer` pushes them, so the Hub shows the training curves.
     """
     folder = Path(folder)
     chosen, skipped = [], []
@@ -206,6 +209,8 @@ def upload_files(folder: str | os.PathLike) -> list[str]:
         relative = path.relative_to(folder)
         hidden = any(part.startswith((".", "_")) or part.startswith("checkpoint-") for part in relative.parts)
         allowed = any(fnmatch.fnmatch(path.name, pattern) for pattern in UPLOAD_PATTERNS)
+        if include_tensorboard and relative.parts[0] == "runs" and path.name.startswith(TENSORBOARD_PREFIX):
+            allowed = True
         (chosen if allowed and not hidden else skipped).append(relative.as_posix())
     pickles = [name for name in skipped if name.endswith(PICKLE_SUFFIXES)]
     if pickles:
@@ -241,7 +246,8 @@ def files_containing(folder: str | os.PathLike, names: list[str], secret: str | 
 
 def upload_folder(folder: str | os.PathLike, repo_id: str, *, token: str | None = None, private: bool | None = None,
                   revision: str | None = None, commit_message: str = "Upload NeuCLIP model",
-                  retry: RetryPolicy | None = None, api: HfApi | None = None, create_repo: bool = True):
+                  retry: RetryPolicy | None = None, api: HfApi | None = None, create_repo: bool = True,
+                  include_tensorboard: bool = False):
     """Push the model files of `folder` (see `upload_files`) to `repo_id` in one commit; the folder is only read.
 
     Args:
@@ -254,6 +260,7 @@ def upload_folder(folder: str | os.PathLike, repo_id: str, *, token: str | None 
         retry: Backoff policy for transient failures.
         api: The `HfApi` to use (default: one for the configured endpoint).
         create_repo: Create the repository if it does not exist.
+        include_tensorboard: Also upload the TensorBoard event files under `runs/`.
 
     Returns:
         The `CommitInfo` of the commit.
@@ -264,7 +271,7 @@ def upload_folder(folder: str | os.PathLike, repo_id: str, *, token: str | None 
     """
     api = api or HfApi()
     secret = token or get_token()
-    names = upload_files(folder)
+    names = upload_files(folder, include_tensorboard)
     if not names:
         raise ValueError(f"{folder} holds no model files to upload (expected safetensors weights and configs)")
     leaking = files_containing(folder, names, secret)

@@ -21,7 +21,18 @@ from .modeling_neuclip import is_peft_model, unwrap_model
 from .normalizers import NORMALIZERS, estimator_config, find_normalizer
 from .version import __version__
 
-TEMPLATES = Path(__file__).parent / "model_cards"
+
+
+def templates_dir() -> Path:
+    """The card templates: `neuclip_hf/model_cards/` in an installed package (setup.py maps the top-level
+    `model_cards/` folder there), the repository's top-level `model_cards/` in a source checkout."""
+    for candidate in (Path(__file__).parent / "model_cards", Path(__file__).resolve().parents[1] / "model_cards"):
+        if (candidate / "model_card.md").is_file():
+            return candidate
+    raise FileNotFoundError("the model card templates (model_cards/model_card.md) are missing from this install")
+
+
+TEMPLATES = templates_dir()
 MODEL_TEMPLATE = TEMPLATES / "model_card.md"
 NORMALIZER_TEMPLATE = TEMPLATES / "normalizer_card.md"
 DEFAULT_LICENSE = "apache-2.0"
@@ -142,9 +153,27 @@ def _percent(value: float | None) -> str:
 
 
 def quality_metrics(metrics: dict[str, float] | None) -> dict[str, float]:
-    """The accuracy / recall metrics of an evaluation (drops counts and timings)."""
-    return {name: float(value) for name, value in (metrics or {}).items()
-            if (name in CLASSIFICATION_METRICS or "recall@" in name) and not math.isnan(float(value))}
+    """The accuracy / recall metrics of an evaluation (drops counts, timings and the duplicate-caption ceilings,
+    which describe the data, not the model; the caption-aware recalls only when captions repeat)."""
+    metrics = metrics or {}
+    repeated = metrics.get("num_distinct_texts", 0) < metrics.get("num_texts", 0)
+    return {name: float(value) for name, value in metrics.items()
+            if (name in CLASSIFICATION_METRICS or "recall@" in name) and not name.endswith("_ceiling")
+            and (repeated or not name.endswith("_caption_aware")) and not math.isnan(float(value))}
+
+
+def duplicate_captions_note(metrics: dict[str, float] | None) -> str | None:
+    """One sentence on repeated captions (e.g. templated ones), or None when every caption is distinct."""
+    metrics = metrics or {}
+    texts, distinct = metrics.get("num_texts"), metrics.get("num_distinct_texts")
+    if not texts or distinct is None or distinct >= texts:
+        return None
+    return (f"The evaluation captions repeat: {int(distinct):,} distinct texts among {int(texts):,}. Identical "
+            "captions get identical embeddings, so plain retrieval recall@1 cannot exceed "
+            f"{_percent(metrics.get('image_retrieval_recall@1_ceiling'))} (image) / "
+            f"{_percent(metrics.get('text_retrieval_recall@1_ceiling'))} (text); the `_caption_aware` recalls "
+            "count a retrieved text identical to the true caption (or an image with the query as its caption) as a "
+            "hit. Zero-shot classification is the meaningful number here.")
 
 
 def _unpack_eval(eval_results: dict | None) -> tuple[dict, dict, int | None, int | None, str | None]:
@@ -204,7 +233,8 @@ def _hyperparameters(config) -> list[tuple[str, str]]:
 def build_model_card(model: torch.nn.Module, *, repo_id: str, training: TrainingSummary | None = None,
                      eval_results: dict | None = None, eval_dataset: str | None = None,
                      eval_dataset_id: str | None = None, license: str = DEFAULT_LICENSE, tags: list[str] | None = None,
-                     language: str | list[str] | None = "en", model_name: str | None = None) -> ModelCard:
+                     language: str | list[str] | None = "en", model_name: str | None = None,
+                     eval_max_samples: int | None = None) -> ModelCard:
     """The card of a full model or (PEFT) adapter repository.
 
     Args:
@@ -218,6 +248,7 @@ def build_model_card(model: torch.nn.Module, *, repo_id: str, training: Training
         tags: Extra tags.
         language: Language(s) of the text encoder's training data.
         model_name: Title of the card (default: the repository name).
+        eval_max_samples: The evaluator's sample limit (`--eval_max_samples`; None: the whole set).
     """
     training = training or TrainingSummary()
     core = unwrap_model(model)
@@ -227,6 +258,8 @@ def build_model_card(model: torch.nn.Module, *, repo_id: str, training: Training
     model_name = model_name or repo_id.split("/")[-1]
     adapter = is_peft_model(model)
     latest, best, step, best_step, best_metric = _unpack_eval(eval_results)
+    raw_latest = (eval_results or {}).get("latest", eval_results) if eval_results else {}
+    num_samples = (raw_latest or {}).get("num_samples")
     eval_name = eval_dataset or "the held-out evaluation data"
     finetuned = training.finetuned_from
     base_model = finetuned if looks_like_hub_id(finetuned) else None
@@ -267,6 +300,9 @@ def build_model_card(model: torch.nn.Module, *, repo_id: str, training: Training
         eval_rows=eval_rows, eval_dataset=eval_name, eval_step=step if step is not None else training.steps,
         best_step=best_step, best_metric=best_metric, training_data=training.training_data or "not recorded",
         small_model=num_parameters < SMALL_MODEL_PARAMETERS, num_parameters=f"{num_parameters:,}",
+        eval_samples=f"{int(num_samples):,}" if num_samples else "not recorded",
+        eval_max_samples=f"{eval_max_samples:,}" if eval_max_samples else "none (the whole set)",
+        duplicates_note=duplicate_captions_note(raw_latest),
         citations=_citations(objective),
     )
 
@@ -293,6 +329,8 @@ __all__ = [
     "build_normalizer_card",
     "describe_hardware",
     "describe_method",
+    "duplicate_captions_note",
     "looks_like_hub_id",
     "model_index",
+    "templates_dir",
 ]

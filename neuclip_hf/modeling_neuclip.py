@@ -7,17 +7,21 @@ normalizer new (`NeuCLIPModel.from_clip_pretrained`).
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, CLIPModel
 from transformers.models.clip.modeling_clip import CLIPOutput
-from transformers.utils import can_return_tuple
+from transformers.utils import can_return_tuple, logging
 
 from .configuration_neuclip import NeuCLIPConfig
 from .normalizers import Normalizer, build_normalizer
 from .objectives import ContrastiveBatch, NormalizerInputs, batch_aware_rho, full_precision
+
+logger = logging.get_logger(__name__)
+_FRESH_NORMALIZER: ContextVar[bool] = ContextVar("neuclip_fresh_normalizer", default=False)
 
 # Keyword arguments of `from_clip_pretrained` that go to `from_pretrained`, not into the config.
 _LOADING_KWARGS = (
@@ -47,6 +51,25 @@ class NeuCLIPOutput(CLIPOutput):
 def _pooled(output) -> torch.Tensor:
     """transformers 5 returns an output object from `get_*_features`; transformers 4 returned the tensor."""
     return output if torch.is_tensor(output) else output.pooler_output
+
+
+def fit_text_length(input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None,
+                    position_ids: torch.Tensor | None, max_length: int, eos_token_id: int):
+    """Texts longer than the text model's positions, cut as the tokenizer's `truncation=True` cuts them: the first
+    `max_length - 1` tokens and the end token. Callers that tokenize without truncation (the zero-shot pipeline with
+    long labels) would otherwise index past the position table; shorter batches are returned unchanged."""
+    if input_ids is None or input_ids.shape[-1] <= max_length:
+        return input_ids, attention_mask, position_ids
+    lengths = attention_mask.sum(dim=-1) if attention_mask is not None else torch.full(
+        input_ids.shape[:-1], input_ids.shape[-1], device=input_ids.device)
+    input_ids = input_ids[..., :max_length].clone()
+    cut = lengths > max_length  # rows whose text ran past the last position: end them with the end token
+    input_ids[cut, max_length - 1] = eos_token_id
+    if attention_mask is not None:
+        attention_mask = attention_mask[..., :max_length]
+    if position_ids is not None:
+        position_ids = position_ids[..., :max_length]
+    return input_ids, attention_mask, position_ids
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -104,6 +127,9 @@ class NeuCLIPModel(CLIPModel):
             self._ddp_params_and_buffers_to_ignore = self.ddp_ignored_state_names()
             self.logit_scale.requires_grad_(bool(self.config.learn_temperature))  # False: T stays at its init
         super().post_init()
+        if _FRESH_NORMALIZER.get():  # inside from_clip_pretrained: the checkpoint's normalizer is not this one
+            self._keys_to_ignore_on_load_missing = {*self._keys_to_ignore_on_load_missing, r"^normalizer\."}
+            self._keys_to_ignore_on_load_unexpected = {*self._keys_to_ignore_on_load_unexpected, r"^normalizer\."}
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -196,6 +222,15 @@ class NeuCLIPModel(CLIPModel):
             loss, components = normalizer.loss(batch, inputs, rho)
         return loss, components, diagnostics
 
+    def get_text_features(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                          position_ids: torch.Tensor | None = None, **kwargs):
+        """`CLIPModel.get_text_features` on texts fitted to the text model's positions (`fit_text_length`)."""
+        input_ids, attention_mask, position_ids = fit_text_length(
+            input_ids, attention_mask, position_ids, self.config.text_config.max_position_embeddings,
+            self.config.text_config.eos_token_id)
+        return super().get_text_features(input_ids=input_ids, attention_mask=attention_mask,
+                                         position_ids=position_ids, **kwargs)
+
     @can_return_tuple
     def forward(
         self,
@@ -275,7 +310,17 @@ class NeuCLIPModel(CLIPModel):
                          if k in load_kwargs}
         source = AutoConfig.from_pretrained(pretrained_model_name_or_path, **config_kwargs)
         config = NeuCLIPConfig.from_clip_config(source, **overrides)
-        return cls.from_pretrained(pretrained_model_name_or_path, config=config, **load_kwargs)
+        # The normalizer is new by design here: a plain CLIP checkpoint has no `normalizer.*` keys (MISSING) and
+        # one of another objective has other ones (UNEXPECTED). Neither is a fault, so neither is reported.
+        fresh = getattr(source, "objective", None) != config.objective
+        token = _FRESH_NORMALIZER.set(fresh)
+        try:
+            model = cls.from_pretrained(pretrained_model_name_or_path, config=config, **load_kwargs)
+        finally:
+            _FRESH_NORMALIZER.reset(token)
+        if fresh:
+            logger.info(f"{pretrained_model_name_or_path}: encoders loaded; the {config.objective} normalizer is new")
+        return model
 
 
-__all__ = ["NeuCLIPModel", "NeuCLIPOutput", "is_peft_model", "unwrap_model"]
+__all__ = ["NeuCLIPModel", "NeuCLIPOutput", "fit_text_length", "is_peft_model", "unwrap_model"]

@@ -27,7 +27,9 @@ same sequence of collective calls, whatever it logs, evaluates, saves or pushes.
 from __future__ import annotations
 
 import os
+import sys
 import time
+from contextlib import contextmanager
 from typing import Any, Callable
 
 import torch
@@ -35,6 +37,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.optimization import get_scheduler
 from transformers.trainer_utils import rotate_checkpoints
 from transformers.utils import logging
+from transformers.utils.logging import disable_progress_bar, enable_progress_bar, is_progress_bar_enabled
 
 from .arguments import NeuCLIPTrainingArguments
 from .checkpointing import marker_global_step, resolve_resume_checkpoint, write_marker
@@ -82,6 +85,21 @@ def scheduled_value(schedule: list[float], unit: str, step: int, max_steps: int,
         index = step * len(schedule) // max(max_steps, 1)
     return float(schedule[min(index, len(schedule) - 1)])
 
+
+
+@contextmanager
+def library_progress_bars(enabled: bool):
+    """transformers' own progress bars (e.g. "Writing model shards" while saving) on or off inside, as before after.
+
+    Inside Trainer's progress bar a library bar is a nested tqdm bar, drawn with cursor-up escape codes; in a log
+    file (stderr not a terminal) those codes are garbage, so the trainer saves with them off there.
+    """
+    was_enabled = is_progress_bar_enabled()
+    (enable_progress_bar if enabled else disable_progress_bar)()
+    try:
+        yield
+    finally:
+        (enable_progress_bar if was_enabled else disable_progress_bar)()
 
 class TemperatureThresholdLR:
     """Per-group learning-rate factor of the temperature: 1 until T first drops to the threshold, then `factor`.
@@ -511,7 +529,8 @@ class NeuCLIPTrainer(HubPushMixin, Trainer):
             self.normalizer_scheduler.load_state_dict(state["scheduler"])
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
-        super()._save(output_dir, state_dict)
+        with library_progress_bars(enabled=sys.stderr.isatty()):  # nested in Trainer's bar: cursor-up escapes
+            super()._save(output_dir, state_dict)
         if self.args.should_save and is_peft_model(self.model):  # a PEFT save holds only the adapter
             save_normalizer(self.model, output_dir if output_dir is not None else self.args.output_dir)
 
@@ -545,15 +564,18 @@ class NeuCLIPTrainer(HubPushMixin, Trainer):
         self.accelerator.wait_for_everyone()
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
-        """`Trainer.train`, resuming only from complete checkpoints (`True` picks the newest complete one)."""
+        """`Trainer.train`, resuming only from complete checkpoints (`True` picks the newest complete one); writes
+        the model card (`output_dir/README.md`) at the end."""
         self.check_epoch_length()
         self._resume_checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir)
         if self._resume_checkpoint is not None and self.is_world_process_zero():
             # The path as the user gave it (or under the --output_dir they gave): no path is made absolute.
             step = marker_global_step(self._resume_checkpoint)
             logger.warning(f"Resuming from {self._resume_checkpoint} (step {step})")
-        return super().train(resume_from_checkpoint=self._resume_checkpoint, **kwargs)
+        output = super().train(resume_from_checkpoint=self._resume_checkpoint, **kwargs)
+        self.create_model_card()  # a local README.md at the end of every run, pushed or not (main process)
+        return output
 
 
 
-__all__ = ["EndlessLoader", "NeuCLIPTrainer", "NeuCLIPTrainingArguments", "TemperatureThresholdLR"]
+__all__ = ["EndlessLoader", "NeuCLIPTrainer", "NeuCLIPTrainingArguments", "TemperatureThresholdLR", "library_progress_bars"]

@@ -99,6 +99,7 @@ class HubPushMixin:
             self.model, repo_id=repo_id, training=summary,
             eval_results={**callback.results, "metric_for_best": callback.metric_for_best} if callback else None,
             eval_dataset=callback.evaluator.data.description if callback else None,
+            eval_max_samples=callback.evaluator.max_samples if callback else None,
             eval_dataset_id=info.get("eval_dataset_id"), license=info.get("license") or DEFAULT_LICENSE,
             tags=info.get("tags"), language=info.get("language", "en"), model_name=info.get("model_name"),
         )
@@ -135,7 +136,8 @@ class HubPushMixin:
             return upload_folder(self.args.output_dir, self.hub_model_id, token=token,
                                  revision=revision if revision is not None else self.args.hub_revision,
                                  commit_message=commit_message or "End of training", retry=self.hub_retry,
-                                 api=hf_api(), create_repo=False)
+                                 api=hf_api(), create_repo=False,
+                                 include_tensorboard=self.args.hub_push_tensorboard)
 
         result = None
         if self.is_world_process_zero():
@@ -166,7 +168,8 @@ class HubPushMixin:
             try:
                 return upload_folder(output_dir, self.hub_model_id, token=self.args.hub_token,
                                      revision=self.args.hub_revision, commit_message=message, retry=self.hub_retry,
-                                     api=hf_api(), create_repo=False)
+                                     api=hf_api(), create_repo=False,
+                                     include_tensorboard=self.args.hub_push_tensorboard)
             except (HubPushError, ValueError) as error:  # training goes on; the final push raises
                 logger.warning(f"background push skipped: {error}")
                 return None

@@ -32,6 +32,8 @@ from .modeling_neuclip import _pooled
 
 TEMPLATES_FILE = Path(__file__).parent / "templates" / "openai_imagenet_templates.json"
 PLACEHOLDER = "{}"
+CLIP_BENCHMARK_PLACEHOLDER = "{c}"
+TEMPLATE_SETS = {"openai": "OpenAI's 80 ImageNet prompts", "simple": "OpenAI's 7-prompt subset"}
 
 
 @lru_cache(maxsize=1)
@@ -49,7 +51,9 @@ def load_templates(templates: str | Path | Sequence[str] | None = "openai") -> l
 
     Args:
         templates: A shipped set's name (`openai`, `simple`), a file (`.json`: a list of strings or
-            {"templates": [...]}; otherwise one template per line), a list of strings, or None (`openai`).
+            {"templates": [...]}; otherwise one template per line, e.g. CLIP_benchmark's
+            `zeroshot_classification_templates.txt`), a list of strings, or None (`openai`). The class-name slot is
+            `{}` or CLIP_benchmark's `{c}`.
 
     Raises:
         ValueError: an unknown name, an empty set, or a template without `{}`.
@@ -71,13 +75,26 @@ def load_templates(templates: str | Path | Sequence[str] | None = "openai") -> l
             raise ValueError(f"templates must be a list; wrap the single template: [{str(templates)!r}]")
         else:
             raise ValueError(f"unknown templates {str(templates)!r}: not one of {template_names()} nor a file")
-    templates = list(templates)
+    # CLIP_benchmark's templates name the slot `{c}` (`template.format(c=name)`): the same slot as `{}`
+    templates = [t.replace(CLIP_BENCHMARK_PLACEHOLDER, PLACEHOLDER) if isinstance(t, str) else t for t in templates]
     if not templates:
         raise ValueError("templates is empty: give at least one template such as 'a photo of a {}.'")
     for template in templates:
         if not isinstance(template, str) or PLACEHOLDER not in template:
             raise ValueError(f"template {template!r} has no '{{}}' placeholder for the class name")
     return templates
+
+
+def describe_templates(templates: str | Path | Sequence[str] | None, count: int) -> str:
+    """What a `templates` argument resolved to, for messages: e.g. `80 templates (openai: OpenAI's 80 ImageNet
+    prompts)`, `18 templates from t.txt`, `2 templates (given as a list)`."""
+    if templates is None:
+        templates = "openai"
+    if isinstance(templates, (str, Path)) and str(templates) in TEMPLATE_SETS:
+        return f"{count} templates ({templates}: {TEMPLATE_SETS[str(templates)]})"
+    if isinstance(templates, (str, Path)):
+        return f"{count} templates from {Path(templates).name}"
+    return f"{count} template{'s' if count != 1 else ''} (given as a list)"
 
 
 def fill_template(template: str, class_name: str) -> str:
@@ -303,6 +320,7 @@ def zero_shot_retrieval(
 
 __all__ = [
     "ZeroShotClassifier",
+    "describe_templates",
     "embed_images",
     "embed_texts",
     "encode_images",

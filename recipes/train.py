@@ -9,7 +9,8 @@ LoRA: `--lora_r 16 [--lora_alpha 32 --lora_target_modules q_proj,v_proj --lora_d
 --hub_model_id user/name` (model files and a model card; see neuclip_hf.hub).
 
 Every field of ModelArguments, LoraArguments, DataArguments, EvalArguments and NeuCLIPTrainingArguments is a flag;
-a leading YAML/JSON file gives values the flags override. With no arguments, recipes/configs/default.yaml is used.
+a YAML/JSON file (anywhere on the command line) gives values the flags override. Without a file,
+recipes/configs/default.yaml is used: `python recipes/train.py --max_steps 100` is the default run with 100 steps.
 """
 
 from __future__ import annotations

@@ -8,6 +8,8 @@ directory and a Hub dataset name share one code path. A spec is one of:
 * a glob, a file, or a comma-separated list of them: `.tar` / `.tar.gz` / `.tgz` (webdataset), `.parquet`,
   `.arrow`, or captions files (`.jsonl` / `.json` / `.csv` / `.tsv`) whose image column holds image paths
   relative to the captions file;
+* a COCO captions JSON (`images` + `annotations`) or a Karpathy-split JSON (`images` with `sentences`): one row per
+  image with the list of its captions (`_caption_annotations`);
 * a local directory: with `captions.{jsonl,json,csv,tsv}` at its top level (or one folder down), a folder of
   images with captions files; otherwise a dataset directory resolved by `datasets` itself (parquet / webdataset
   shards under `data/`, an imagefolder with `metadata.jsonl`, a README with `configs:`);
@@ -24,13 +26,14 @@ from __future__ import annotations
 
 import glob
 import inspect
+import json
 import os
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
 import pyarrow as pa
-from datasets import Features, Image, IterableDataset, Value, load_dataset_builder
+from datasets import Dataset, Features, Image, IterableDataset, List, Value, load_dataset_builder
 from datasets.builder import Key
 from datasets.load import configure_builder_class
 from datasets.packaged_modules.arrow.arrow import Arrow
@@ -154,10 +157,17 @@ def open_source(spec: str | None, split: str | tuple[str, ...] = "train", config
             return _stream(kind, kwargs, "data", f"image folder {directory} ({len(captions)} captions files)", relative)
         return _stream(str(directory), {"name": config_name}, candidates, f"dataset directory {directory}", False)
     looks_like_files = len(items) > 1 or GLOB_CHARACTERS & set(items[0]) or _file_format(items[0]) is not None
+    if len(items) == 1 and items[0].lower().endswith(".json") and os.path.isfile(os.path.expanduser(items[0])):
+        annotated = _caption_annotations(os.path.expanduser(items[0]), candidates)
+        if annotated is not None:
+            return annotated
     if looks_like_files or os.path.exists(os.path.expanduser(items[0])):
         files = [path for item in items for path in _expand(item)]
         kind, kwargs, relative = _files_source(files, spec)
         return _stream(kind, kwargs, "data", f"{len(files)} {kind} file(s) from {spec!r}", relative)
+    item = items[0]
+    if os.path.isabs(os.path.expanduser(item)) or item.startswith((".", "~")) or item.count("/") > 1:
+        raise FileNotFoundError(f"no such local file or directory: {item}")  # not a Hub name: say so, in one line
     try:  # a Hub dataset name: datasets resolves (and streams) it like a dataset directory
         return _stream(items[0], {"name": config_name}, candidates, f"Hub dataset {items[0]}", False)
     except (FileNotFoundError, ConnectionError, OSError) as error:
@@ -165,6 +175,51 @@ def open_source(spec: str | None, split: str | tuple[str, ...] = "train", config
             f"data spec {spec!r} is neither an existing file, glob or directory, nor a loadable Hub dataset "
             f"({type(error).__name__}: {error})"
         ) from error
+
+
+def _caption_annotations(path: str, splits: tuple[str, ...]) -> Source | None:
+    """A COCO captions file (`images` + `annotations`) or a Karpathy-split file (`images` with `sentences`) as one
+    row per image with the list of its captions; None for any other JSON (read by the `json` builder).
+
+    Image paths resolve against the file's folder (COCO: `file_name`; Karpathy: `filepath/filename`). A Karpathy
+    file is filtered to the first of `splits` its entries use (e.g. `test`), or read whole when none matches.
+    """
+    with open(path, encoding="utf-8") as handle:
+        if handle.read(1) != "{":
+            return None
+        handle.seek(0)
+        try:
+            document = json.load(handle)
+        except json.JSONDecodeError:
+            return None  # e.g. JSON lines with a .json name
+    images = document.get("images") if isinstance(document, dict) else None
+    if not isinstance(images, list) or not images or not isinstance(images[0], dict):
+        return None
+    root = os.path.dirname(os.path.abspath(path))
+    if "annotations" in document:  # COCO: captions are separate records pointing at image ids
+        captions: dict = {}
+        for note in document["annotations"]:
+            captions.setdefault(note["image_id"], []).append(note["caption"])
+        rows = [{"image": os.path.join(root, entry["file_name"]), "caption": captions.get(entry["id"], []),
+                 "image_id": str(entry["id"])} for entry in images]
+        kind, split = "coco", None
+    elif "sentences" in images[0]:  # Karpathy: captions inside each image entry, with a split per image
+        present = {entry.get("split") for entry in images}
+        split = next((name for name in splits if name in present), None)
+        rows = [{"image": os.path.join(root, entry.get("filepath", ""), entry["filename"]),
+                 "caption": [sentence["raw"] for sentence in entry["sentences"]],
+                 "image_id": str(entry.get("imgid", entry.get("cocoid", index)))}
+                for index, entry in enumerate(images) if split is None or entry.get("split") == split]
+        kind = "karpathy"
+    else:
+        return None
+    for row in rows:
+        row[SHARD_COLUMN] = path
+    features = Features({"image": Value("string"), "caption": List(Value("string")), "image_id": Value("string"),
+                         SHARD_COLUMN: Value("string")})
+    dataset = Dataset.from_list(rows, features=features).to_iterable_dataset()
+    where = f" [{split}]" if split else ""
+    return Source(dataset, f"{kind} captions file {path}{where} ({len(rows)} images)", kind, len(rows), False, (path,))
 
 
 def _stream(path: str, kwargs: dict, split: str | tuple[str, ...], description: str, relative: bool) -> Source:

@@ -6,9 +6,21 @@
 - `image_retrieval_recall@k` (text query -> images) and `text_retrieval_recall@k` (image query -> texts): a query
   counts when ANY of its positives is among the k highest-scoring candidates (the CLIP-paper convention).
 
-Ties are resolved by their expected value under uniformly random tie-breaking, so results never depend on the
-order of the candidates: a collapsed model whose scores are all equal gets chance accuracy (1 / classes), not
-the accuracy of whichever class happens to come first. Without ties this is exactly the top-k definition.
+Ties (`tie_break`):
+- `"expected"` (default): a tie is resolved by its expected value under uniformly random tie-breaking, so results
+  never depend on the order of the candidates: a collapsed model whose scores are all equal gets chance accuracy
+  (1 / classes), not the accuracy of whichever class happens to come first. Without ties this is exactly the top-k
+  definition. NaN scores rank below everything.
+- `"topk"`: CLIP_benchmark's rule, reproduced by calling the same torch functions it calls: `acc@k` and recall@k
+  take `torch.topk(scores, k)` (the order among equal scores is whatever topk's selection algorithm leaves, which
+  is neither stable nor by index and differs between CPU and CUDA; NaN ranks first), `mean_per_class_recall`
+  takes `argmax` (the first maximal index). docs/evaluation.md shows where the two rules differ.
+
+Duplicate captions (`text_groups`): texts with the same group are identical after tokenization, so every model
+gives them the same embedding and no model can tell them apart. `retrieval_metrics` then also reports the
+number of distinct texts, the best recall any model can reach (`..._ceiling`, under random tie-breaking) and the
+caption-aware recall (`..._caption_aware`: a retrieved text identical to a true caption, or an image one of whose
+captions is identical to the query, counts as a hit).
 
 Scores are computed chunk by chunk (`chunk_size` queries at a time, on the device of the inputs), so retrieval
 over N items never holds an N x N matrix. The same metrics are offered as `evaluate` modules that load by path
@@ -17,12 +29,14 @@ offline: `load_metric("zero_shot_classification")`, `load_metric("retrieval_reca
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
 RECALL_KS = (1, 5, 10)
+TIE_RULES = ("expected", "topk")
 METRICS_DIR = Path(__file__).parent  # the `evaluate` modules live in sub-folders of this package
 METRIC_MODULES = {name: METRICS_DIR / name / f"{name}.py" for name in ("zero_shot_classification", "retrieval_recall")}
 
@@ -30,6 +44,11 @@ METRIC_MODULES = {name: METRICS_DIR / name / f"{name}.py" for name in ("zero_sho
 def _as_tensor(value, dtype: torch.dtype | None = None) -> torch.Tensor:
     tensor = value if torch.is_tensor(value) else torch.as_tensor(np.asarray(value))
     return tensor if dtype is None else tensor.to(dtype)
+
+
+def _check_tie_break(tie_break: str) -> None:
+    if tie_break not in TIE_RULES:
+        raise ValueError(f"tie_break={tie_break!r} is invalid: expected one of {TIE_RULES}")
 
 
 def hit_probability(
@@ -65,14 +84,29 @@ def hit_probability(
     return hits
 
 
-def query_hits(scores: torch.Tensor, positives: torch.Tensor, ks: tuple[int, ...]) -> dict[int, torch.Tensor]:
-    """Top-k hit probabilities of a chunk of queries.
+def query_hits(
+    scores: torch.Tensor, positives: torch.Tensor, ks: tuple[int, ...], tie_break: str = "expected",
+    topk_per_k: bool = False,
+) -> dict[int, torch.Tensor]:
+    """Top-k hits of a chunk of queries: probabilities (`expected`) or 0 / 1 from `torch.topk` (`topk`).
 
     Args:
-        scores: (Q, candidates) similarities; NaN ranks below everything.
+        scores: (Q, candidates) similarities.
         positives: (Q, candidates) boolean mask of each query's positives.
         ks: The cut-offs.
+        tie_break: `expected` or `topk` (see the module docstring).
+        topk_per_k: `topk` rule only: one `topk(k)` call per cut-off, as CLIP_benchmark's retrieval does (its
+            classification slices one `topk(max k)`); which tied items topk keeps depends on k.
     """
+    _check_tie_break(tie_break)
+    if tie_break == "topk" and topk_per_k:
+        return {k: positives.gather(1, scores.float().topk(min(k, scores.shape[1]), dim=1).indices).any(dim=1).double()
+                for k in ks}
+    if tie_break == "topk":
+        depth = min(max(ks), scores.shape[1])  # CLIP_benchmark fails for k > candidates; all candidates are "in"
+        top = scores.float().topk(depth, dim=1, largest=True, sorted=True).indices
+        found = positives.gather(1, top)
+        return {k: found[:, :k].any(dim=1).double() for k in ks}
     scores = torch.nan_to_num(scores.float(), nan=float("-inf"))
     best = scores.masked_fill(~positives, float("-inf")).amax(dim=1, keepdim=True)
     at_best = scores == best
@@ -82,14 +116,16 @@ def query_hits(scores: torch.Tensor, positives: torch.Tensor, ks: tuple[int, ...
     return hit_probability(greater, equal, tied_positives, ks)
 
 
-def classification_metrics(logits, labels, chunk_size: int = 8192) -> dict[str, float]:
+def classification_metrics(logits, labels, chunk_size: int = 8192, tie_break: str = "expected") -> dict[str, float]:
     """`acc1`, `acc5` (with >= 5 classes) and `mean_per_class_recall` of class scores.
 
     Args:
         logits: (N, classes) scores (logits, probabilities or similarities: only the order matters).
         labels: (N,) true class indices.
         chunk_size: Rows scored at a time.
+        tie_break: `expected` (default) or CLIP_benchmark's `topk` (see the module docstring).
     """
+    _check_tie_break(tie_break)
     logits = _as_tensor(logits)
     labels = _as_tensor(labels, torch.long).to(logits.device)
     if logits.ndim != 2 or labels.ndim != 1 or len(logits) != len(labels):
@@ -106,10 +142,12 @@ def classification_metrics(logits, labels, chunk_size: int = 8192) -> dict[str, 
     for start in range(0, len(labels), chunk_size):
         rows, targets = logits[start:start + chunk_size], labels[start:start + chunk_size]
         positives = torch.nn.functional.one_hot(targets, num_classes).bool()
-        hits = query_hits(rows, positives, ks)
+        hits = query_hits(rows, positives, ks, tie_break)
         for k in ks:
             sums[k] += float(hits[k].sum())
-        per_class_hits.index_add_(0, targets, hits[1])
+        # CLIP_benchmark's balanced accuracy reads argmax (first maximal index), not topk: the two can disagree
+        top1 = (rows.argmax(dim=1) == targets).double() if tie_break == "topk" else hits[1]
+        per_class_hits.index_add_(0, targets, top1)
     counts = torch.bincount(labels, minlength=num_classes).double()
     present = counts > 0  # like balanced_accuracy_score: average over the classes that occur in the labels
     results = {f"acc{k}": sums[k] / len(labels) for k in ks}
@@ -117,8 +155,26 @@ def classification_metrics(logits, labels, chunk_size: int = 8192) -> dict[str, 
     return results
 
 
+def _recall(
+    queries: torch.Tensor, candidates: torch.Tensor, positives_of: Callable[[torch.Tensor], torch.Tensor],
+    ks: tuple[int, ...], chunk_size: int, tie_break: str,
+) -> dict[int, float]:
+    """Mean top-k hit over the queries that have at least one positive (`positives_of(rows)` -> (Q, C) mask)."""
+    sums, counted = {k: 0.0 for k in ks}, 0
+    for start in range(0, len(queries), chunk_size):
+        rows = torch.arange(start, min(start + chunk_size, len(queries)), device=queries.device)
+        positives = positives_of(rows)
+        keep = positives.any(dim=1)  # e.g. an image without a caption is a candidate, not a query
+        hits = query_hits(queries[rows[keep]] @ candidates.T, positives[keep], ks, tie_break, topk_per_k=True)
+        counted += int(keep.sum())
+        for k in ks:
+            sums[k] += float(hits[k].sum())
+    return {k: sums[k] / counted for k in ks}
+
+
 def retrieval_metrics(
-    image_embeds, text_embeds, text_to_image, ks: tuple[int, ...] = RECALL_KS, chunk_size: int = 1024
+    image_embeds, text_embeds, text_to_image, ks: tuple[int, ...] = RECALL_KS, chunk_size: int = 1024,
+    tie_break: str = "expected", text_groups=None,
 ) -> dict[str, float]:
     """Image retrieval (text query -> images) and text retrieval (image query -> texts) recall@k.
 
@@ -129,10 +185,14 @@ def retrieval_metrics(
             of that image's query). Images without a text are candidates but not queries.
         ks: The cut-offs.
         chunk_size: Queries scored at a time (memory is chunk_size x candidates).
+        tie_break: `expected` (default) or CLIP_benchmark's `topk` (see the module docstring).
+        text_groups: (T,) optional ids of identical texts (equal id: identical after tokenization); adds
+            `num_texts`, `num_distinct_texts`, the `..._ceiling` and the `..._caption_aware` recalls.
 
     Returns:
-        `image_retrieval_recall@k` and `text_retrieval_recall@k` for every k.
+        `image_retrieval_recall@k` and `text_retrieval_recall@k` for every k (plus the duplicate-aware entries).
     """
+    _check_tie_break(tie_break)
     image_embeds, text_embeds = _as_tensor(image_embeds), _as_tensor(text_embeds)
     text_to_image = _as_tensor(text_to_image, torch.long).to(text_embeds.device)
     num_images, num_texts = len(image_embeds), len(text_embeds)
@@ -148,31 +208,77 @@ def retrieval_metrics(
         raise ValueError(f"text_to_image must index the {num_images} images")
     image_embeds, text_embeds = image_embeds.float(), text_embeds.float().to(image_embeds.device)
     text_to_image = text_to_image.to(image_embeds.device)
+    groups = None
+    if text_groups is not None:
+        groups = _as_tensor(text_groups, torch.long).to(image_embeds.device)
+        if groups.shape != (num_texts,):
+            raise ValueError(f"text_groups must have one id per text ({num_texts}), got shape {tuple(groups.shape)}")
+        groups = torch.unique(groups, return_inverse=True)[1]  # ids 0 .. G-1
+
+    def image_positives(rows: torch.Tensor) -> torch.Tensor:  # text query -> its image
+        return torch.nn.functional.one_hot(text_to_image[rows], num_images).bool()
+
+    def text_positives(rows: torch.Tensor) -> torch.Tensor:  # image query -> its texts
+        return text_to_image[None, :] == rows[:, None]
+
+    def image_positives_by_caption(rows: torch.Tensor) -> torch.Tensor:  # images with a caption equal to the query
+        query, text = (groups[rows][:, None] == groups[None, :]).nonzero(as_tuple=True)
+        mask = torch.zeros(len(rows), num_images, dtype=torch.bool, device=rows.device)
+        mask[query, text_to_image[text]] = True
+        return mask
+
+    def text_positives_by_caption(rows: torch.Tensor) -> torch.Tensor:  # texts equal to one of the image's captions
+        query, text = text_positives(rows).nonzero(as_tuple=True)
+        present = torch.zeros(len(rows), int(groups.max()) + 1, dtype=torch.bool, device=rows.device)
+        present[query, groups[text]] = True
+        return present[:, groups]
+
+    runs = {"image_retrieval_recall@{}": (text_embeds, image_embeds, image_positives),
+            "text_retrieval_recall@{}": (image_embeds, text_embeds, text_positives)}
+    if groups is not None:
+        runs["image_retrieval_recall@{}_caption_aware"] = (text_embeds, image_embeds, image_positives_by_caption)
+        runs["text_retrieval_recall@{}_caption_aware"] = (image_embeds, text_embeds, text_positives_by_caption)
+    results: dict[str, float] = {}
+    for name, (queries, candidates, positives_of) in runs.items():
+        recall = _recall(queries, candidates, positives_of, ks, chunk_size, tie_break)
+        results.update({name.format(k): value for k, value in recall.items()})
+    if groups is not None:
+        results.update(recall_ceilings(text_to_image, groups, ks))
+        results["num_texts"], results["num_distinct_texts"] = num_texts, int(groups.max()) + 1
+    return results
+
+
+def recall_ceilings(text_to_image, text_groups, ks: tuple[int, ...] = RECALL_KS) -> dict[str, float]:
+    """The best expected recall@k any model can reach when identical texts share one embedding.
+
+    Image retrieval: the copies of one text rank the images identically, so of a group of identical texts at most
+    the texts of the k images the group's copies point to most often can hit. Text retrieval: an image query
+    whose caption has m identical copies among which p are its own sees them tied; the best a model can do is to
+    rank that group first, which hits with the random-tie probability 1 - C(m-p, k) / C(m, k) (1 when m <= k).
+
+    Args:
+        text_to_image: (T,) each text's image.
+        text_groups: (T,) ids of identical texts.
+        ks: The cut-offs.
+    """
+    images = np.asarray(_as_tensor(text_to_image).cpu(), dtype=np.int64)
+    groups = np.asarray(_as_tensor(text_groups).cpu(), dtype=np.int64)
+    pairs, pair_counts = np.unique(np.stack([groups, images], axis=1), axis=0, return_counts=True)
     results = {}
-
-    image_hits = {k: 0.0 for k in ks}  # text queries: the single positive is the text's image
-    for start in range(0, num_texts, chunk_size):
-        targets = text_to_image[start:start + chunk_size]
-        positives = torch.nn.functional.one_hot(targets, num_images).bool()
-        hits = query_hits(text_embeds[start:start + chunk_size] @ image_embeds.T, positives, ks)
-        for k in ks:
-            image_hits[k] += float(hits[k].sum())
-
-    text_hits = {k: 0.0 for k in ks}  # image queries: every text of the image is a positive
-    queries = 0
-    for start in range(0, num_images, chunk_size):
-        indices = torch.arange(start, min(start + chunk_size, num_images), device=image_embeds.device)
-        positives = text_to_image[None, :] == indices[:, None]
-        has_text = positives.any(dim=1)
-        hits = query_hits(image_embeds[indices][has_text] @ text_embeds.T, positives[has_text], ks)
-        queries += int(has_text.sum())
-        for k in ks:
-            text_hits[k] += float(hits[k].sum())
-
+    order = np.lexsort((-pair_counts, pairs[:, 0]))  # by group, then by how many of the group's texts point there
+    sorted_groups, sorted_counts = pairs[order, 0], pair_counts[order]
+    rank_in_group = np.arange(len(order)) - np.searchsorted(sorted_groups, sorted_groups)
     for k in ks:
-        results[f"image_retrieval_recall@{k}"] = image_hits[k] / num_texts
+        results[f"image_retrieval_recall@{k}_ceiling"] = float(sorted_counts[rank_in_group < k].sum() / len(images))
+    group_sizes = np.bincount(groups)
+    own = torch.as_tensor(pair_counts)  # p: the image's texts in the group
+    hits = hit_probability(torch.zeros_like(own), torch.as_tensor(group_sizes[pairs[:, 0]]) - own, own, ks)
+    image_index = torch.as_tensor(pairs[:, 1])
     for k in ks:
-        results[f"text_retrieval_recall@{k}"] = text_hits[k] / queries
+        best = torch.zeros(int(image_index.max()) + 1, dtype=torch.float64)
+        best = best.scatter_reduce(0, image_index, hits[k], reduce="amax")  # the image's best group
+        queries = torch.unique(image_index)
+        results[f"text_retrieval_recall@{k}_ceiling"] = float(best[queries].mean())
     return results
 
 
@@ -224,5 +330,7 @@ __all__ = [
     "metric_info",
     "pairs_to_retrieval_inputs",
     "query_hits",
+    "recall_ceilings",
     "retrieval_metrics",
+    "TIE_RULES",
 ]
