@@ -274,8 +274,8 @@ def _readme(payload: dict, args) -> str:
 
 `python benchmarks/openclip_step.py` (`--quick`: tiny preset, batch 8, one round; `--profile`: top operators).
 One full optimizer step (forward, loss, backward, AdamW, temperature clamp) at {payload['preset']} geometry,
-{payload['text_length']}-token captions, one torch thread per run, each run in its own process; rounds interleave every variant in a
-rotating order and count only if every run had a core to itself (other processes used at most
+{payload['text_length']}-token captions, one torch thread per run, each run in its own process; rounds interleave
+every variant in a rotating order and count only if every run had a core to itself (other processes used at most
 {payload['max_other_load']:.2f} cores during it). Cells: median over the rounds (min-max); throughput ratios are
 paired within each round. open_clip: {open_clip_model} + `ClipLoss` + torch's default AdamW, as its
 `train_one_epoch`; ours: `Trainer` / `NeuCLIPTrainer` with their defaults (fused AdamW, SDPA attention, gradient

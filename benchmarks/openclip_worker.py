@@ -146,7 +146,8 @@ def measure(batch_size: int, steps: int, warmup: int, model_name: str | None = N
         if index >= warmup:
             times.append(time.perf_counter() - start)
             cpu_times.append(time.process_time() - cpu_start)
-    result = {"step_seconds": times, "step_cpu_seconds": cpu_times, "loss": float(loss), "threads": torch.get_num_threads(),
+    result = {"step_seconds": times, "step_cpu_seconds": cpu_times, "loss": float(loss),
+              "threads": torch.get_num_threads(),
             "open_clip": open_clip.__version__, "torch": torch.__version__,
             "parameters": sum(p.numel() for p in model.parameters()),
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}

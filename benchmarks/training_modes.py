@@ -44,6 +44,7 @@ from neuclip_hf import OBJECTIVES, NeuCLIPModel  # noqa: E402
 from neuclip_hf.presets import PRESETS, model_config  # noqa: E402
 
 NEUCLIP_OVERRIDES = {"neuclip_num_prototypes": 4096}
+PARTS = ("graph_breaks", "checkpointing", "compile")
 
 
 def graph_breaks(objective: str, preset: str = "tiny", batch_size: int = 8) -> dict:
@@ -64,7 +65,8 @@ def graph_breaks(objective: str, preset: str = "tiny", batch_size: int = 8) -> d
         frame = reason.user_stack[-1] if reason.user_stack else None
         location = f"{_relative(frame.filename)}:{frame.lineno}" if frame is not None else "?"
         where.append({"reason": reason.reason.splitlines()[0], "at": location})
-    reasons = Counter({key.splitlines()[0]: count for key, count in torch._dynamo.utils.counters["graph_break"].items()})
+    counted = torch._dynamo.utils.counters["graph_break"]
+    reasons = Counter({key.splitlines()[0]: count for key, count in counted.items()})
     return {"objective": objective, "graphs": explanation.graph_count, "graph_breaks": explanation.graph_break_count,
             "break_reasons": dict(reasons.most_common()), "break_locations": _unique(where)}
 
@@ -134,6 +136,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--max_rounds", type=int, default=None, help="rounds tried at most (default 8; quick 1)")
     parser.add_argument("--max_other_load", type=float, default=default_max_other_load())
     parser.add_argument("--wait_for_quiet", type=float, default=None, help="seconds (default 600 full, 0 quick)")
+    parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS,
+                        help="what to run (default all); memory and graph breaks do not depend on the machine's load")
     parser.add_argument("--out_dir", default=None)
     parser.add_argument("--readme", default=None)
     args = parser.parse_args(argv)
@@ -141,8 +145,10 @@ def main(argv=None) -> dict:
     max_rounds = max(args.max_rounds or (1 if args.quick else 8), rounds)
     args.wait_for_quiet = (0 if args.quick else 600) if args.wait_for_quiet is None else args.wait_for_quiet
 
-    print("graph breaks (torch._dynamo.explain) ...")
-    breaks = {objective: graph_breaks(objective) for objective in OBJECTIVES}
+    breaks = {}
+    if "graph_breaks" in args.parts:
+        print("graph breaks (torch._dynamo.explain) ...")
+        breaks = {objective: graph_breaks(objective) for objective in OBJECTIVES}
 
     # Gradient checkpointing: memory at ViT-B/32 geometry (the tiny preset in --quick), clip and neuclip.
     preset = "tiny" if args.quick else "vit-b-32"
@@ -156,11 +162,14 @@ def main(argv=None) -> dict:
         for flag in (False, True):
             checkpointing_variants[f"{objective}{', checkpointing' if flag else ''}"] = {
                 **base, "kind": objective, "overrides": overrides, **({"gradient_checkpointing": True} if flag else {})}
-    print(f"gradient checkpointing, {preset} batch {memory_batch} ...")
-    checkpointing = paired_rounds(checkpointing_variants, rounds, max_rounds, args)
+    checkpointing = None
+    if "checkpointing" in args.parts:
+        print(f"gradient checkpointing, {preset} batch {memory_batch} ...")
+        checkpointing = paired_rounds(checkpointing_variants, rounds, max_rounds, args)
 
     # torch.compile: step-time ratio on this CPU (inductor), tiny preset at batch 128 and ViT-B/32 at batch 8.
     compile_settings = [("tiny", 8 if args.quick else 128)] + ([] if args.quick else [("vit-b-32", 8)])
+    compile_settings = compile_settings if "compile" in args.parts else []
     compiled = {}
     for compile_preset, batch in compile_settings:
         spec = {"preset": compile_preset, "batch_size": batch, "steps": 2 if args.quick else 5,
@@ -175,18 +184,19 @@ def main(argv=None) -> dict:
         print(f"torch.compile, {compile_preset} batch {batch} ...")
         compiled[f"{compile_preset}@{batch}"] = paired_rounds(variants, rounds, max_rounds, args)
 
-    payload = {"quick": args.quick, "max_other_load": args.max_other_load, "graph_breaks": breaks,
-               "checkpointing": {"preset": preset, "batch_size": memory_batch, **checkpointing},
-               "compile": compiled}
-    payload["checkpointing"]["ratios"] = {
-        objective: {"step_time": ratio(checkpointing, f"{objective}, checkpointing", objective),
-                    "peak_rss": _rss_ratio(checkpointing, f"{objective}, checkpointing", objective)}
-        for objective in ("clip", "neuclip")}
+    payload = {"quick": args.quick, "parts": args.parts, "max_other_load": args.max_other_load,
+               "graph_breaks": breaks, "checkpointing": None, "compile": compiled}
+    if checkpointing is not None:
+        checkpointing["ratios"] = {
+            objective: {"step_time": ratio(checkpointing, f"{objective}, checkpointing", objective),
+                        "peak_rss": _rss_ratio(checkpointing, f"{objective}, checkpointing", objective)}
+            for objective in ("clip", "neuclip")}
+        payload["checkpointing"] = {"preset": preset, "batch_size": memory_batch, **checkpointing}
     for setting in compiled.values():
         setting["ratios"] = {name: ratio(setting, f"{name}, compiled", name)
                              for name in setting["names"] if not name.endswith("compiled")}
-    timings_valid = checkpointing["from_valid_rounds"] and all(s["from_valid_rounds"] for s in compiled.values())
-    payload["timings_valid"] = timings_valid and not args.quick
+    timed = [payload["checkpointing"]] * (checkpointing is not None) + list(compiled.values())
+    payload["timings_valid"] = bool(timed) and all(s["from_valid_rounds"] for s in timed) and not args.quick
     json_path = write_json("training_modes", payload, args.out_dir)
     figure = _plot(payload, args.out_dir)
     update_readme_section("training_modes", _readme(payload), args.readme)
@@ -206,28 +216,60 @@ def _spread(stats: dict, digits: int = 2, scale: float = 1.0) -> str:
     return f"{scale * stats['median']:.{digits}f} ({scale * stats['min']:.{digits}f}-{scale * stats['max']:.{digits}f})"
 
 
-def _readme(payload: dict) -> str:
-    env = environment()
-    check = payload["checkpointing"]
-    memory_rows = []
-    for name, entry in check["summary"].items():
-        memory_rows.append([name, _spread(entry["peak_rss_mb"], 0), _spread(entry["seconds_per_step"], 0, 1000)])
-    ratio_rows = [[objective, _spread(r["peak_rss"]), _spread(r["step_time"])] for objective, r in check["ratios"].items()]
-    compile_rows = []
-    for key, setting in payload["compile"].items():
+def _checkpointing_block(check: dict | None) -> str:
+    if check is None:
+        return "**Gradient checkpointing**: not run (`--parts`)."
+    memory_rows = [[name, _spread(entry["peak_rss_mb"], 0), _spread(entry["seconds_per_step"], 0, 1000)]
+                   for name, entry in check["summary"].items()]
+    ratio_rows = [[objective, _spread(r["peak_rss"]), _spread(r["step_time"])]
+                  for objective, r in check["ratios"].items()]
+    return f"""**Gradient checkpointing** (`--gradient_checkpointing`, every encoder layer recomputed in the backward),
+{check['preset']} geometry, batch {check['batch_size']}, full NeuCLIPTrainer step with fused AdamW; rounds:
+{'valid' if check['from_valid_rounds'] else 'CONTENDED (step times not a measurement)'}:
+
+{markdown_table(['variant', 'peak RSS MB', 'ms / step'], memory_rows)}
+
+{markdown_table(['objective', 'peak RSS with / without', 'step time with / without'], ratio_rows)}"""
+
+
+def _compile_block(compiled: dict) -> str:
+    if not compiled:
+        return "**torch.compile step time**: not run (`--parts`)."
+    rows = []
+    for key, setting in compiled.items():
         for name, stats in setting["ratios"].items():
             first = setting["summary"][f"{name}, compiled"]["first_step_seconds"]
-            compile_rows.append([key, name, _spread(stats), _spread(first, 1),
-                                 "valid" if setting["from_valid_rounds"] else "CONTENDED"])
-    break_rows = []
-    for objective, entry in payload["graph_breaks"].items():
+            rows.append([key, name, _spread(stats), _spread(first, 1),
+                         "valid" if setting["from_valid_rounds"] else "CONTENDED"])
+    header = ["preset @ batch", "objective", "compiled / eager step time", "first step s (compile)", "rounds"]
+    return f"""**torch.compile** (`--torch_compile`, inductor, through the Trainer): step time of the compiled step over
+the eager one after 2 warm-up steps (compile time is the first step's):
+
+{markdown_table(header, rows)}"""
+
+
+def _breaks_block(breaks: dict) -> str:
+    if not breaks:
+        return "**Graph breaks**: not run (`--parts`)."
+    rows = []
+    for objective, entry in breaks.items():
         reasons = "; ".join(f"{reason} (x{count})" for reason, count in entry["break_reasons"].items())
-        break_rows.append([objective, entry["graphs"], entry["graph_breaks"], reasons])
-    locations = sorted({f"`{row['at']}`: {row['reason']}" for entry in payload["graph_breaks"].values()
+        rows.append([objective, entry["graphs"], entry["graph_breaks"], reasons])
+    locations = sorted({f"`{row['at']}`: {row['reason']}" for entry in breaks.values()
                         for row in entry["break_locations"]})
+    return f"""Graphs and graph breaks of the training forward (`torch._dynamo.explain`, estimator update and loss
+included):
+
+{markdown_table(['objective', 'graphs', 'graph breaks', 'break reasons (count)'], rows)}
+
+Where they break: {'; '.join(locations) or 'nowhere'}."""
+
+
+def _readme(payload: dict) -> str:
+    env = environment()
     status = ("" if payload["timings_valid"] else
-              "\n**Timings not recorded**: a `--quick` run, or rounds without a core to themselves (the machine was "
-              "busy); the memory columns and the graph breaks do not depend on the load.\n")
+              "\n**Timings not recorded**: a `--quick` run, a partial run, or rounds without a core to themselves (the "
+              "machine was busy); the memory columns and the graph breaks do not depend on the load.\n")
     return f"""## training_modes
 
 `python benchmarks/training_modes.py` (`--quick`: tiny preset, one round). Each run is a fresh process with one torch
@@ -235,24 +277,11 @@ thread; rounds interleave the variants and timings count only from rounds where 
 (other processes <= {payload['max_other_load']:.2f} cores). Cells: median (min-max) over the rounds used.
 Machine: {env['cpu']}, torch {env['torch']}, transformers {env.get('transformers')}.
 {status}
-**Gradient checkpointing** (`--gradient_checkpointing`, every encoder layer recomputed in the backward),
-{check['preset']} geometry, batch {check['batch_size']}, full NeuCLIPTrainer step with fused AdamW:
+{_checkpointing_block(payload['checkpointing'])}
 
-{markdown_table(['variant', 'peak RSS MB', 'ms / step'], memory_rows)}
+{_compile_block(payload['compile'])}
 
-{markdown_table(['objective', 'peak RSS with / without', 'step time with / without'], ratio_rows)}
-
-**torch.compile** (`--torch_compile`, inductor, through the Trainer): step time of the compiled step over the eager
-one after 2 warm-up steps (compile time is the first step's):
-
-{markdown_table(['preset @ batch', 'objective', 'compiled / eager step time', 'first step s (compile)', 'rounds'],
-                compile_rows)}
-
-Graphs and graph breaks of the training forward (`torch._dynamo.explain`, estimator update and loss included):
-
-{markdown_table(['objective', 'graphs', 'graph breaks', 'break reasons (count)'], break_rows)}
-
-Where they break: {'; '.join(locations) or 'nowhere'}.
+{_breaks_block(payload['graph_breaks'])}
 
 ![checkpointing memory and compile ratios](results/training_modes.png)
 """
@@ -260,11 +289,13 @@ Where they break: {'; '.join(locations) or 'nowhere'}.
 
 def _plot(payload: dict, out_dir) -> Path:
     fig, axes = subplots(2, (11, 4))
-    summary = payload["checkpointing"]["summary"]
-    names = list(summary)
-    axes[0].bar(range(len(names)), [summary[n]["peak_rss_mb"]["median"] for n in names], color="tab:blue")
-    axes[0].set_xticks(range(len(names)), names, rotation=20)
-    axes[0].set_title(f"peak RSS MB, {payload['checkpointing']['preset']} batch {payload['checkpointing']['batch_size']}")
+    if payload["checkpointing"] is not None:
+        summary = payload["checkpointing"]["summary"]
+        names = list(summary)
+        axes[0].bar(range(len(names)), [summary[n]["peak_rss_mb"]["median"] for n in names], color="tab:blue")
+        axes[0].set_xticks(range(len(names)), names, rotation=20)
+        check = payload["checkpointing"]
+        axes[0].set_title(f"peak RSS MB, {check['preset']} batch {check['batch_size']}")
     labels, values = [], []
     for key, setting in payload["compile"].items():
         for name, stats in setting["ratios"].items():
