@@ -176,6 +176,39 @@ def wait_for_quiet(max_other_load: float, timeout: float, window: float = 3.0) -
             return load
 
 
+def interleaved_rounds(names: list[str], run: Callable[[str, int], dict], rounds: int, max_rounds: int,
+                       max_other_load: float, wait_seconds: float, label: str = "") -> tuple[list[dict], int]:
+    """Rounds that run every name once, in an order rotated each round, until `rounds` of them are valid (or
+    `max_rounds` were tried). A round is valid when every run in it had a core to itself (`run_alone`'s verdict).
+
+    Args:
+        names: What to measure.
+        run: `run(name, round_index)` -> a result with `load` from `run_alone`.
+        rounds, max_rounds: Valid rounds wanted; rounds tried at most.
+        max_other_load: Passed to `wait_for_quiet` before each round.
+        wait_seconds: How long to wait for a quiet machine before each round (0: do not wait).
+        label: Printed with each round's verdict.
+
+    Returns:
+        Every round (`order`, `valid`, `runs`) and the number of valid ones.
+    """
+    done, valid = [], 0
+    for index in range(max_rounds):
+        if valid >= rounds:
+            break
+        if wait_seconds:
+            wait_for_quiet(max_other_load, wait_seconds)
+        order = names[index % len(names):] + names[:index % len(names)]
+        runs = {name: run(name, index) for name in order}
+        is_valid = all(result["load"]["valid"] for result in runs.values())
+        valid += is_valid
+        done.append({"order": order, "valid": is_valid, "runs": runs})
+        loads = ", ".join(f"{result['load']['other_load_cores']:.2f}" for result in runs.values()
+                          if result["load"]["other_load_cores"] is not None)
+        print(f"{label} round {index + 1}: {'valid' if is_valid else 'contended'} (other load {loads})")
+    return done, valid
+
+
 def median_and_spread(values: list[float]) -> dict:
     """Median, min, max and interquartile range of a list of measurements (never only the best one)."""
     ordered = sorted(values)

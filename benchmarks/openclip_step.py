@@ -16,8 +16,8 @@ Rounds interleave all of them (in a rotating order). A round counts only if ever
 the CPU time other processes used during the run (from /proc/stat, less the run's own) stayed under
 `--max_other_load` cores. Results are medians over the valid rounds with their spread, and the throughput ratios
 are taken within each round (paired), then summarised the same way. A full run that cannot collect `--rounds`
-valid rounds within `--max_rounds` writes its JSON but no README table. `--profile` adds one profiled step of
-open_clip and of `NeuCLIP clip` (top operators by self time).
+valid rounds within `--max_rounds` records nothing (its rounds go to `benchmarks/.cache/`). `--profile` adds one
+profiled step to every run of the first round (top operators by self time, the optimizer step, the estimator).
 
 open_clip is not a dependency of this package: it runs with this interpreter and its torch, from a folder outside
 the repository (`--open_clip_dir`, installed there with pip on first use: open_clip_torch 3.3.0, ftfy, wcwidth), or
@@ -41,13 +41,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import (  # noqa: E402
     default_max_other_load,
     environment,
+    interleaved_rounds,
     markdown_table,
     median_and_spread,
     run_alone,
     save_figure,
     subplots,
     update_readme_section,
-    wait_for_quiet,
     write_json,
 )
 from neuclip_hf.presets import PRESETS  # noqa: E402
@@ -107,13 +107,14 @@ def open_clip_command(args) -> tuple[list[str], dict]:
     return [sys.executable], env
 
 
-def measure_variant(name: str, preset: str, batch: int, steps: int, warmup: int, args, open_clip) -> dict:
+def measure_variant(name: str, preset: str, batch: int, steps: int, warmup: int, args, open_clip,
+                    profile: bool = False) -> dict:
     """One run of one variant in its own process: its step times and whether it had a core to itself."""
     variant = VARIANTS[name]
     text_length = PRESETS[preset]["text_config"]["max_position_embeddings"]  # 77 at ViT-B/32, as open_clip
     if variant["side"] == "open_clip":
         python, env = open_clip
-        spec = {"batch_size": batch, "steps": steps, "warmup": warmup, "threads": 1, "profile": args.profile_now}
+        spec = {"batch_size": batch, "steps": steps, "warmup": warmup, "threads": 1, "profile": profile}
         if preset == "vit-b-32":
             spec["model_name"] = "ViT-B-32"  # open_clip's own config, GELU
         else:
@@ -123,7 +124,7 @@ def measure_variant(name: str, preset: str, batch: int, steps: int, warmup: int,
         spec = {"kind": variant["side"], "preset": preset, "batch_size": batch, "steps": steps, "warmup": warmup,
                 "device": "cpu", "text_length": text_length, "threads": 1, "overrides": variant.get("overrides"),
                 "optim": variant.get("optim"), "time_estimator": variant.get("time_estimator", False),
-                "profile": args.profile_now}
+                "profile": profile}
         command = [sys.executable, str(BENCH / "throughput.py"), "--worker", json.dumps(spec)]
         env = dict(os.environ, OMP_NUM_THREADS="1")
     result, load = run_alone(command, env=env, max_other_load=args.max_other_load)
@@ -137,22 +138,10 @@ def measure_variant(name: str, preset: str, batch: int, steps: int, warmup: int,
 
 def run_setting(preset: str, batch: int, names: list[str], steps: int, warmup: int, args, open_clip) -> dict:
     """Interleaved rounds of every variant at one batch, until enough valid rounds (or the round limit)."""
-    rounds: list[dict] = []
-    valid = 0
-    for index in range(args.max_rounds):
-        if valid >= args.rounds:
-            break
-        if args.wait_for_quiet:
-            wait_for_quiet(args.max_other_load, args.wait_for_quiet)
-        order = names[index % len(names):] + names[:index % len(names)]  # rotate the order every round
-        args.profile_now = args.profile and index == 0
-        runs = {name: measure_variant(name, preset, batch, steps, warmup, args, open_clip) for name in order}
-        is_valid = all(run["load"]["valid"] for run in runs.values())
-        valid += is_valid
-        rounds.append({"order": order, "valid": is_valid, "runs": runs})
-        loads = ", ".join(f"{run['load']['other_load_cores']:.2f}" for run in runs.values()
-                          if run["load"]["other_load_cores"] is not None)
-        print(f"{preset} batch {batch} round {index + 1}: {'valid' if is_valid else 'contended'} (other load {loads})")
+    rounds, valid = interleaved_rounds(
+        names, lambda name, index: measure_variant(name, preset, batch, steps, warmup, args, open_clip,
+                                                   profile=args.profile and index == 0),
+        args.rounds, args.max_rounds, args.max_other_load, args.wait_for_quiet, label=f"{preset} batch {batch}")
     return {"preset": preset, "batch_size": batch, "steps": steps, "warmup": warmup, "rounds": rounds,
             "valid_rounds": valid, "summary": summarise(rounds, names, batch)}
 
@@ -189,7 +178,7 @@ def main(argv=None) -> dict:
                                                              "the script runs; its timings are not recorded)")
     parser.add_argument("--batches", type=int, nargs="+", default=None, help="default 8 32 (quick: 8)")
     parser.add_argument("--rounds", type=int, default=None, help="valid rounds wanted (default 5; quick 1)")
-    parser.add_argument("--max_rounds", type=int, default=None, help="rounds tried at most (default 12; quick 1)")
+    parser.add_argument("--max_rounds", type=int, default=None, help="rounds tried at most (default 8; quick 1)")
     parser.add_argument("--max_other_load", type=float, default=default_max_other_load(),
                         help="CPU use of other processes (cores) above which a run does not count")
     parser.add_argument("--wait_for_quiet", type=float, default=None,
@@ -197,7 +186,8 @@ def main(argv=None) -> dict:
                              "(default 600 full, 0 quick)")
     parser.add_argument("--variants", nargs="+", default=None, choices=list(VARIANTS),
                         help="measure only these (open_clip, NeuCLIP clip and NeuCLIP neuclip are always kept)")
-    parser.add_argument("--profile", action="store_true", help="profile one step of open_clip and NeuCLIP clip")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile one more step of every variant in the first round")
     parser.add_argument("--open_clip_python", default=None, help="an interpreter that has open_clip")
     parser.add_argument("--open_clip_dir", default=f"~/.cache/neuclip_hf/open_clip-{OPEN_CLIP_VERSION}",
                         help="folder (outside the repository) that holds open_clip for this interpreter")
@@ -207,7 +197,7 @@ def main(argv=None) -> dict:
     preset = "tiny" if args.quick else "vit-b-32"
     batches = args.batches or ([8] if args.quick else [8, 32])
     args.rounds = args.rounds or (1 if args.quick else 5)
-    args.max_rounds = max(args.max_rounds or (1 if args.quick else 12), args.rounds)
+    args.max_rounds = max(args.max_rounds or (1 if args.quick else 8), args.rounds)
     args.wait_for_quiet = (0 if args.quick else 600) if args.wait_for_quiet is None else args.wait_for_quiet
     steps, warmup = (2, 1) if args.quick else (3, 1)
     open_clip = open_clip_command(args)
@@ -230,14 +220,17 @@ def main(argv=None) -> dict:
                "text_length": PRESETS[preset]["text_config"]["max_position_embeddings"], "rounds_wanted": args.rounds,
                "max_other_load": args.max_other_load, "timings_valid": enough, "settings": settings,
                "targets": targets}
-    json_path = write_json("openclip_step", payload, args.out_dir)
-    figure = _plot(settings, args.out_dir)
+    # A full run without enough valid rounds records nothing: its rounds go to the ignored cache for inspection.
+    out_dir = args.out_dir if enough or args.quick else BENCH / ".cache" / "openclip_step_contended"
+    json_path = write_json("openclip_step", payload, out_dir)
+    figure = _plot(settings, out_dir)
     if enough or args.quick:
         update_readme_section("openclip_step", _readme(payload, args), args.readme)
     else:
         print(f"only {[s['valid_rounds'] for s in settings.values()]} valid round(s) of {args.rounds}: the machine was "
-              "busy. The JSON keeps every round; the README table is not updated. Rerun on a quiet machine.")
-    print(f"wrote {json_path} and {figure}")
+              "busy, so nothing is recorded (results/ and the README are unchanged); every round is kept in "
+              "benchmarks/.cache/openclip_step_contended/. Rerun on a quiet machine.")
+    print(f"wrote {json_path.name} and {figure.name}")
     return payload
 
 
@@ -268,6 +261,7 @@ def _readme(payload: dict, args) -> str:
               "\n**Not a recorded measurement**: a `--quick` run or a run without enough valid rounds (machine busy); "
               "the numbers below only show that the script works.\n")
     targets = "; ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in payload["targets"].items())
+    profiles = _profile_table(payload)
     open_clip_model = ('`create_model("ViT-B-32")`' if payload["preset"] == "vit-b-32" else
                        f"a `CLIP` of the {payload['preset']} geometry")
     return f"""## openclip_step
@@ -285,9 +279,29 @@ clipping at 1.0). Rounds: {'; '.join(rounds_line)}. Machine: {env['cpu']}, torch
 {markdown_table(header, rows)}
 
 Targets: {targets}.
-
+{profiles}
 ![throughput relative to open_clip](results/openclip_step.png)
 """
+
+
+def _profile_table(payload: dict) -> str:
+    """Where the time goes: shares of one profiled step per variant (first round; shares, not times)."""
+    rows = []
+    for batch, setting in payload["settings"].items():
+        for name, run in setting["rounds"][0]["runs"].items():
+            profile = run.get("profile")
+            if not profile:
+                continue
+            total = profile["self_cpu_ms"]
+            top = ", ".join(f"{op['op'].removeprefix('aten::')} {100 * op['self_ms'] / total:.0f}%"
+                            for op in profile["top_ops"][:4])
+            rows.append([batch, name, f"{100 * profile['optimizer_step_ms'] / total:.1f}%",
+                         f"{100 * profile['normalizer_update_ms'] / total:.1f}%", top])
+    if not rows:
+        return ""
+    table = markdown_table(["batch", "variant", "optimizer step", "estimator update", "top operators (self time)"],
+                           rows)
+    return f"\nOne profiled step per variant (`--profile`, first round), shares of the step's CPU time:\n\n{table}\n"
 
 
 def _plot(settings: dict, out_dir) -> Path:

@@ -7,8 +7,10 @@ fresh subprocess (`--worker`), so its peak memory is its own.
 
 from __future__ import annotations
 
+import gc
 import io
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -30,21 +32,38 @@ from neuclip_hf.trainer import NeuCLIPTrainer, NeuCLIPTrainingArguments  # noqa:
 
 
 class SyntheticPairs(Dataset):
-    """Random images and captions (ending in end-of-text) of a model's geometry; sample ids included."""
+    """Random images and captions (ending in end-of-text) of a model's geometry; sample ids included.
 
-    def __init__(self, config, size: int, seed: int = 0, text_length: int | None = None):
+    Args:
+        config: The model config (image size, vocabulary, context length).
+        size: Number of samples (and distinct sample ids).
+        seed: Seed of the random data.
+        text_length: Tokens per caption (default: min(context length, 32)).
+        pool: Distinct image-caption pairs stored, cycled over the `size` samples (default: `size`); a step's cost
+            does not depend on the values, and ViT-B/32 batches of 256 would otherwise take gigabytes.
+        device: Where the data lives (on a GPU, the step is timed without the host-to-device copy of an input
+            pipeline, which a real loader overlaps with the step).
+    """
+
+    def __init__(self, config, size: int, seed: int = 0, text_length: int | None = None, pool: int | None = None,
+                 device: str | torch.device = "cpu"):
         generator = torch.Generator().manual_seed(seed)
         vision, text = config.vision_config, config.text_config
         length = text_length or min(text.max_position_embeddings, 32)
-        self.pixels = torch.randn(size, 3, vision.image_size, vision.image_size, generator=generator)
-        self.ids = torch.randint(0, text.eos_token_id, (size, length), generator=generator)
+        stored = min(size, pool or size)
+        self.size = size
+        self.pixels = torch.randn(stored, 3, vision.image_size, vision.image_size, generator=generator).to(device)
+        self.ids = torch.randint(0, text.eos_token_id, (stored, length), generator=generator)
         self.ids[:, -1] = text.eos_token_id
+        self.ids = self.ids.to(device)
 
     def __len__(self) -> int:
-        return len(self.ids)
+        return self.size
 
     def __getitem__(self, i: int) -> dict:
-        return {"pixel_values": self.pixels[i], "input_ids": self.ids[i], "sample_ids": torch.tensor(i)}
+        j = i % len(self.ids)
+        return {"pixel_values": self.pixels[j], "input_ids": self.ids[j],
+                "sample_ids": torch.tensor(i, device=self.ids.device)}
 
 
 def _plain_collate(rows: list[dict]) -> dict:
@@ -141,12 +160,15 @@ def measure(kind: str, preset: str, batch_size: int, steps: int, warmup: int, bf
     attn_implementation = overrides.pop("attn_implementation", None)
     config = model_config(preset, objective="clip" if kind == "plain" else kind,
                           fastclip_dataset_size=batch_size * (steps + warmup) * 4, **overrides)
-    dataset = SyntheticPairs(config, batch_size * (steps + warmup + 1) * 2, text_length=text_length)
+    gpu = device != "cpu" and torch.cuda.is_available()
+    data_device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if gpu else "cpu"
+    dataset = SyntheticPairs(config, batch_size * (steps + warmup + 1) * 2, text_length=text_length,
+                             pool=2 * batch_size, device=data_device)
     total_steps = steps + warmup + int(profile)
     common = dict(output_dir=str(ROOT / "benchmarks" / ".cache" / "throughput"), max_steps=total_steps,
                   per_device_train_batch_size=batch_size, learning_rate=1e-4, save_strategy="no", report_to=[],
                   disable_tqdm=True, logging_steps=10**6, bf16=bf16, use_cpu=device == "cpu",
-                  dataloader_num_workers=0, seed=0, **({"optim": optim} if optim else {}), **training_overrides)
+                  dataloader_num_workers=0, dataloader_pin_memory=not gpu, seed=0, **({"optim": optim} if optim else {}), **training_overrides)
     timer = StepTimer()
     callbacks = [timer] + ([StepProfiler(total_steps)] if profile else [])
     if kind == "plain":
@@ -163,6 +185,8 @@ def measure(kind: str, preset: str, batch_size: int, steps: int, warmup: int, bf
                                  train_dataset=dataset, callbacks=callbacks)
     estimator = EstimatorTimer(trainer.core_model.normalizer) if time_estimator and kind != "plain" else None
     if torch.cuda.is_available():
+        gc.collect()  # earlier measurements' trainers hold reference cycles: free their GPU memory first
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     with redirect_stdout(io.StringIO()):
         trainer.train()

@@ -31,13 +31,13 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.common import (  # noqa: E402
     default_max_other_load,
     environment,
+    interleaved_rounds,
     markdown_table,
     median_and_spread,
     run_alone,
     save_figure,
     subplots,
     update_readme_section,
-    wait_for_quiet,
     write_json,
 )
 from neuclip_hf import OBJECTIVES, NeuCLIPModel  # noqa: E402
@@ -100,18 +100,9 @@ def measure(spec: dict, max_other_load: float) -> dict:
 
 def paired_rounds(variants: dict[str, dict], rounds: int, max_rounds: int, args) -> dict:
     """Interleaved rounds of `variants` (name -> measure spec) until `rounds` valid ones (or `max_rounds`)."""
-    names, done, valid = list(variants), [], 0
-    for index in range(max_rounds):
-        if valid >= rounds:
-            break
-        if args.wait_for_quiet:
-            wait_for_quiet(args.max_other_load, args.wait_for_quiet)
-        order = names[index % len(names):] + names[:index % len(names)]
-        runs = {name: measure(variants[name], args.max_other_load) for name in order}
-        is_valid = all(run["load"]["valid"] for run in runs.values())
-        valid += is_valid
-        done.append({"valid": is_valid, "runs": runs})
-        print(f"  round {index + 1}: {'valid' if is_valid else 'contended'}")
+    names = list(variants)
+    done, valid = interleaved_rounds(names, lambda name, _: measure(variants[name], args.max_other_load), rounds,
+                                     max_rounds, args.max_other_load, args.wait_for_quiet)
     used = [r for r in done if r["valid"]] or done
     summary = {name: {"seconds_per_step": median_and_spread([r["runs"][name]["seconds_per_step"] for r in used]),
                       "first_step_seconds": median_and_spread([r["runs"][name]["first_step_seconds"] for r in used]),
