@@ -168,7 +168,8 @@ def measure(kind: str, preset: str, batch_size: int, steps: int, warmup: int, bf
     common = dict(output_dir=str(ROOT / "benchmarks" / ".cache" / "throughput"), max_steps=total_steps,
                   per_device_train_batch_size=batch_size, learning_rate=1e-4, save_strategy="no", report_to=[],
                   disable_tqdm=True, logging_steps=10**6, bf16=bf16, use_cpu=device == "cpu",
-                  dataloader_num_workers=0, dataloader_pin_memory=not gpu, seed=0, **({"optim": optim} if optim else {}), **training_overrides)
+                  dataloader_num_workers=0, dataloader_pin_memory=not gpu, seed=0,
+                  **({"optim": optim} if optim else {}), **training_overrides)
     timer = StepTimer()
     callbacks = [timer] + ([StepProfiler(total_steps)] if profile else [])
     if kind == "plain":
