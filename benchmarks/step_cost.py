@@ -18,6 +18,7 @@ geometry (issue 3); NeuCLIP step overhead <= 5% at ViT-B/32 geometry (issue 7).
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 from pathlib import Path
 
@@ -84,8 +85,8 @@ def main(argv=None) -> dict:
         settings += [("vit-b-32", 8, 3, 1, VIT_OVERRIDES), ("vit-b-32", 32, 3, 1, VIT_OVERRIDES)]
     results, rows = {}, []
     for preset, batch, steps, warmup, overrides in settings:
-        # Rounds interleave the kinds, so a slow spell on the shared machine hits all of them; each kind keeps
-        # its fastest round (other load only ever slows a step down).
+        # Rounds interleave the kinds, so a slow spell on the shared machine hits all of them; each kind reports
+        # the median of its rounds with their spread (the best round alone flatters whichever kind got lucky).
         rounds: dict[str, list[dict]] = {kind: [] for kind in KINDS}
         for _ in range(args.rounds):
             for kind in KINDS:
@@ -93,16 +94,21 @@ def main(argv=None) -> dict:
                                                           warmup=warmup, overrides=overrides, device="cpu"))
         measured = {}
         for kind, runs in rounds.items():
-            measured[kind] = dict(min(runs, key=lambda run: run["seconds_per_step"]))
-            measured[kind]["seconds_per_step_by_round"] = [run["seconds_per_step"] for run in runs]
-            measured[kind]["peak_rss_bytes"] = max(run["peak_rss_bytes"] for run in runs)
+            by_round = [run["seconds_per_step"] for run in runs]
+            measured[kind] = dict(runs[0])
+            measured[kind].update(seconds_per_step=statistics.median(by_round), seconds_per_step_by_round=by_round,
+                                  seconds_per_step_spread=[min(by_round), max(by_round)],
+                                  samples_per_second=batch / statistics.median(by_round),
+                                  peak_rss_bytes=max(run["peak_rss_bytes"] for run in runs))
         plain, clip = measured["plain"], measured["clip"]
         for kind, m in measured.items():
             m["slowdown_vs_plain_trainer"] = m["seconds_per_step"] / plain["seconds_per_step"] - 1
             m["overhead_vs_clip_objective"] = m["seconds_per_step"] / clip["seconds_per_step"] - 1
             m["extra_peak_rss_vs_plain_mb"] = (m["peak_rss_bytes"] - plain["peak_rss_bytes"]) / 2**20
-            rows.append([preset, batch, kind, round(1000 * m["seconds_per_step"], 1), round(m["samples_per_second"], 1),
-                         f"{100 * m['slowdown_vs_plain_trainer']:+.1f}%", f"{100 * m['overhead_vs_clip_objective']:+.1f}%",
+            low, high = (1000 * t for t in m["seconds_per_step_spread"])
+            rows.append([preset, batch, kind, f"{1000 * m['seconds_per_step']:.1f} ({low:.1f}-{high:.1f})",
+                         round(m["samples_per_second"], 1), f"{100 * m['slowdown_vs_plain_trainer']:+.1f}%",
+                         f"{100 * m['overhead_vs_clip_objective']:+.1f}%",
                          round(m["peak_rss_bytes"] / 2**20), round(m["extra_peak_rss_vs_plain_mb"])])
         results[preset if preset == "tiny" else f"{preset}@{batch}"] = {
             "preset": preset, "batch_size": batch, "steps_timed": steps, "measurements": measured}
@@ -122,14 +128,14 @@ def main(argv=None) -> dict:
     json_path = write_json("step_cost", payload, args.out_dir)
     figure = _plot(results, memory, args.out_dir)
 
-    header = ["preset", "batch", "trainer / objective", "ms / step", "samples/s", "vs plain Trainer",
+    header = ["preset", "batch", "trainer / objective", "ms / step (rounds min-max)", "samples/s", "vs plain Trainer",
               "vs clip objective", "peak RSS MB", "extra RSS MB"]
     mem_rows = [[r["dataset_size"], r["objective"], f"{r['bytes'] / 2**20:.2f}"] for r in memory]
     env = environment()
     body = f"""## step_cost
 
-`python benchmarks/step_cost.py` (`--quick`: tiny preset only). Median seconds per training step after warm-up
-(best of {args.rounds} interleaved rounds) of
+`python benchmarks/step_cost.py` (`--quick`: tiny preset only). Median seconds per training step after warm-up,
+then the median over {args.rounds} interleaved rounds (min-max over the rounds in brackets), of
 a plain `transformers.Trainer` on `CLIPModel(return_loss=True)` ("plain") and of `NeuCLIPTrainer` with each objective,
 on the same model, batch and synthetic data, each in its own process (peak RSS is the process's). Tiny preset:
 batch 128, NeuCLIP m = 1024, T_u = 10 (the default run); ViT-B/32 geometry: 224 px, batch 8 and 32, m = 4096,

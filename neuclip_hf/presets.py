@@ -1,7 +1,10 @@
 """Named model geometries, so recipes, tests and benchmarks build the same models.
 
 `tiny` is the CPU default (a few million parameters, 32 px images, the real 49,408-token CLIP vocabulary);
-`vit-b-32` is OpenAI's CLIP ViT-B/32 geometry (224 px, 512-d embeddings).
+`vit-b-32` is OpenAI's CLIP ViT-B/32 geometry (224 px, 512-d embeddings) with open_clip's `ViT-B-32` activation:
+GELU, which open_clip trains from scratch with (OpenAI's QuickGELU, `transformers`' default, stays in checkpoints
+that carry it, e.g. `openai/clip-vit-base-patch32`). QuickGELU runs as three unfused element-wise ops forward and
+more backward; `benchmarks/openclip_step.py` measures what it costs per step.
 """
 
 from __future__ import annotations
@@ -30,11 +33,11 @@ PRESETS: dict[str, dict] = {
         "projection_dim": 512,
         "text_config": {
             **CLIP_TOKEN_IDS, "hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 12,
-            "num_attention_heads": 8, "max_position_embeddings": 77, "projection_dim": 512,
+            "num_attention_heads": 8, "max_position_embeddings": 77, "projection_dim": 512, "hidden_act": "gelu",
         },
         "vision_config": {
             "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
-            "image_size": 224, "patch_size": 32, "projection_dim": 512,
+            "image_size": 224, "patch_size": 32, "projection_dim": 512, "hidden_act": "gelu",
         },
     },
 }

@@ -115,7 +115,72 @@ def test_gpu_script_dry_run_on_cpu(bench_dirs):
     from benchmarks import gpu
 
     out, readme = bench_dirs
-    payload = gpu.main(["--quick", "--allow_cpu", "--out_dir", str(out), "--readme", str(readme)])
-    assert set(payload["results"]) == {"plain", "clip", "siglip", "fastclip", "amorlip", "neuclip"}
-    assert payload["encoder_flops_per_sample"] > 0
+    payload = gpu.main(["--quick", "--allow_cpu", "--ddp", "--out_dir", str(out), "--readme", str(readme)])
+    kinds = {"plain", "clip", "siglip", "fastclip", "amorlip", "neuclip"}
+    assert set(payload["results"]) == kinds and payload["encoder_flops_per_sample"] > 0
+    assert all(m["world_size"] == 1 and m["samples_per_second"] > 0 for m in payload["results"].values())
+    assert 0 < payload["results"]["neuclip"]["estimator_share"] < 1
+    assert "estimator_share" not in payload["results"]["plain"]
+    assert payload["ddp"]["world_size"] == 2 and set(payload["ddp"]["results"]) == kinds  # the 2-process DDP path
+    assert all(m["world_size"] == 2 for m in payload["ddp"]["results"].values())
+    assert set(payload["precision"]) == kinds - {"plain"}
+    assert all(c["loss_dtype"] == "float32" and c["estimator_state_fp32"] for c in payload["precision"].values())
     _check(out, readme, "gpu", with_plot=False)
+    assert "CPU dry run" in readme.read_text()
+
+
+def test_openclip_step_quick(bench_dirs):
+    from benchmarks import openclip_step
+
+    out, readme = bench_dirs
+    payload = openclip_step.main(["--quick", "--out_dir", str(out), "--readme", str(readme)])
+    _check(out, readme, "openclip_step")
+    setting = payload["settings"]["8"]
+    assert len(setting["rounds"]) == 1 and set(setting["rounds"][0]["runs"]) == set(openclip_step.VARIANTS)
+    for name, run in setting["rounds"][0]["runs"].items():
+        assert len(run["step_seconds"]) == 2 and run["load"]["wall_seconds"] > 0, name
+    assert setting["rounds"][0]["runs"]["open_clip"]["versions"]["open_clip"] == openclip_step.OPEN_CLIP_VERSION
+    variants = setting["summary"]["variants"]
+    assert variants["open_clip"]["throughput_vs_open_clip"]["median"] == 1.0
+    assert 0 < variants["NeuCLIP neuclip"]["estimator_share"]["median"] < 1
+    assert not payload["timings_valid"] or setting["valid_rounds"] == 1  # quick timings are never recorded as valid
+
+
+def test_open_clip_imports_with_the_torchvision_stand_in_and_refuses_its_use():
+    from benchmarks.openclip_worker import TorchvisionUnavailable, install_torchvision_stand_in
+
+    finder = install_torchvision_stand_in()
+    try:
+        import torchvision.transforms as transforms
+        from torchvision.transforms import InterpolationMode, ToTensor
+
+        with pytest.raises(TorchvisionUnavailable, match="torchvision's torchvision.transforms.Normalize was used"):
+            transforms.Normalize(mean=0, std=1)
+
+        class MaybeToTensor(ToTensor):  # open_clip subclasses torchvision classes at import time
+            pass
+
+        with pytest.raises(TorchvisionUnavailable):
+            MaybeToTensor()
+        assert InterpolationMode.BICUBIC is not None  # attribute access at import time works
+    finally:  # the rest of the session must not see a torchvision
+        sys.meta_path.remove(finder)
+        for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
+            del sys.modules[name]
+
+
+def test_training_modes_quick(bench_dirs):
+    from benchmarks import training_modes
+
+    out, readme = bench_dirs
+    payload = training_modes.main(["--quick", "--out_dir", str(out), "--readme", str(readme)])
+    _check(out, readme, "training_modes")
+    breaks = payload["graph_breaks"]
+    assert set(breaks) == {"clip", "siglip", "fastclip", "amorlip", "neuclip"}
+    assert breaks["clip"]["graphs"] == 1 and breaks["clip"]["graph_breaks"] == 0  # clip compiles to one graph
+    assert breaks["neuclip"]["graph_breaks"] >= 1
+    assert all(row["at"].startswith(("neuclip_hf/", "torch/")) for row in breaks["neuclip"]["break_locations"])
+    summary = payload["checkpointing"]["summary"]
+    assert set(summary) == {"clip", "clip, checkpointing", "neuclip", "neuclip, checkpointing"}
+    assert payload["compile"]["tiny@8"]["ratios"]["clip"]["median"] > 0
+    assert payload["timings_valid"] is False  # quick timings are never recorded
