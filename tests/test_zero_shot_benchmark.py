@@ -22,10 +22,12 @@ def test_quick_benchmark_writes_json_and_plot(tmp_path):
     assert results["config"]["images"] == 32 and results["config"]["quick"]  # the first shard holds 32 of the 64
     rows = results["results"]
     assert set(rows) == {"pipeline (batch_size=1)", "pipeline (batch_size=64)", "ZeroShotClassifier.predict_proba",
-                         "ZeroShotEvaluator", "recipes/eval.py path (80 templates + retrieval)"}
+                         "ZeroShotEvaluator", "run_suite (--suite runner)",
+                         "recipes/eval.py path (80 templates + retrieval)"}
     assert all(row["images"] == 32 and row["images_per_second"] > 0 for row in rows.values())
     assert rows["ZeroShotClassifier.predict_proba"]["max_abs_prob_diff_vs_pipeline"] < 1e-5  # same answers
     # same predictions; one near-tie (|logit gap| ~1e-7) may flip between the two float paths
     assert abs(rows["ZeroShotEvaluator"]["acc1"] - rows["ZeroShotEvaluator"]["pipeline_acc1"]) <= 1 / 32 + 1e-9
+    assert rows["run_suite (--suite runner)"]["acc1"] == rows["ZeroShotEvaluator"]["acc1"]  # one evaluator underneath
     assert isinstance(results["meets_target"], bool)
     assert results["speedup_evaluator_vs_pipeline"] > 1.0  # batched with one classifier beats per-image calls
