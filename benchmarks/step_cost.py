@@ -73,7 +73,8 @@ def estimator_memory(sizes: list[int]) -> list[dict]:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny preset only, fewer steps (about a minute)")
-    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds per kind (default 1 quick, 3 full)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="interleaved rounds per kind (default 1 quick, 3 full)")
     parser.add_argument("--out_dir", default=None)
     parser.add_argument("--readme", default=None)
     args = parser.parse_args(argv)

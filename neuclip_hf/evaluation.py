@@ -255,8 +255,8 @@ class ZeroShotEvaluator:
             # whatever the order of the data.
             distinct, text_groups = torch.unique(torch.cat(id_chunks), dim=0, return_inverse=True)
             ids, mask = distinct.chunk(2, dim=1)  # rows are [input_ids | attention_mask]
-            embeds = torch.cat([encode_texts(model, ids[start:start + self.batch_size], mask[start:start + self.batch_size])
-                                .cpu() for start in range(0, len(distinct), self.batch_size)])
+            batches = [slice(start, start + self.batch_size) for start in range(0, len(distinct), self.batch_size)]
+            embeds = torch.cat([encode_texts(model, ids[rows], mask[rows]).cpu() for rows in batches])
             text_to_image = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
             texts = (embeds[text_groups], text_to_image, text_groups)
         usable_labels = labels if all(label is not None for label in labels) else []

@@ -21,7 +21,8 @@ def clip_loss(batch: ContrastiveBatch) -> tuple[torch.Tensor, dict[str, torch.Te
     loss_image = F.cross_entropy(scale * image_to_text, target)
     loss_text = F.cross_entropy(scale * text_to_image, target)
     loss = (loss_image + loss_text) / 2
-    return loss, {"contrastive": loss.detach(), "image_to_text": loss_image.detach(), "text_to_image": loss_text.detach()}
+    parts = {"contrastive": loss, "image_to_text": loss_image, "text_to_image": loss_text}
+    return loss, {name: value.detach() for name, value in parts.items()}
 
 
 @register_normalizer

@@ -101,6 +101,7 @@ def library_progress_bars(enabled: bool):
     finally:
         (enable_progress_bar if was_enabled else disable_progress_bar)()
 
+
 class TemperatureThresholdLR:
     """Per-group learning-rate factor of the temperature: 1 until T first drops to the threshold, then `factor`.
 
@@ -395,7 +396,8 @@ class NeuCLIPTrainer(HubPushMixin, Trainer):
         self._nonfinite_streak += 1
         self._nonfinite_total += 1
         parts = {"loss": outputs.loss, **(outputs.loss_components or {}), **(outputs.normalizer_diagnostics or {})}
-        bad = sorted(name for name, value in parts.items() if torch.is_tensor(value) and not torch.isfinite(value).all())
+        bad = sorted(name for name, value in parts.items()
+                     if torch.is_tensor(value) and not torch.isfinite(value).all())
         if outputs.image_embeds is not None and not torch.isfinite(outputs.image_embeds).all():
             bad.append("image_embeds")
         if outputs.text_embeds is not None and not torch.isfinite(outputs.text_embeds).all():
@@ -578,4 +580,5 @@ class NeuCLIPTrainer(HubPushMixin, Trainer):
 
 
 
-__all__ = ["EndlessLoader", "NeuCLIPTrainer", "NeuCLIPTrainingArguments", "TemperatureThresholdLR", "library_progress_bars"]
+__all__ = ["EndlessLoader", "NeuCLIPTrainer", "NeuCLIPTrainingArguments", "TemperatureThresholdLR",
+           "library_progress_bars"]

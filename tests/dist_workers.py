@@ -1,4 +1,6 @@
-"""Worker processes for the 2-process gloo tests (a module of its own so `torch.multiprocessing.spawn` can import it)."""
+"""Worker processes for the 2-process gloo tests.
+
+A module of its own so `torch.multiprocessing.spawn` can import it."""
 
 import os
 

@@ -318,7 +318,8 @@ def test_recipe_captions_only_missing_directory_and_bad_class_order(tmp_path, cl
     assert "nan" not in done.stdout.lower() and "no zero-shot classification: it needs class labels" in done.stdout
     assert "3 distinct texts among 4" in done.stdout
     missing = _recipe(["--model", str(tmp_path / "nowhere")])
-    assert missing.returncode != 0 and missing.stderr.strip() == f"error: no such model directory: {tmp_path / 'nowhere'}"
+    assert missing.returncode != 0
+    assert missing.stderr.strip() == f"error: no such model directory: {tmp_path / 'nowhere'}"
     no_data = _recipe(["--model", str(model_dir), "--data", str(tmp_path / "no_such_dir")])
     assert no_data.stderr.strip().splitlines()[-1].startswith("error: cannot read evaluation data")
     assert "Traceback" not in no_data.stderr and "no such local file or directory" in no_data.stderr

@@ -28,7 +28,7 @@ def runs(tmp_path_factory):
                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
     load = lambda p: torch.load(p, weights_only=False)  # noqa: E731  (our own test output)
-    return load(out / "two" / "result_rank0.pt"), load(out / "two" / "result_rank1.pt"), load(out / "one" / "result_rank0.pt")
+    return tuple(load(out / run / f"result_rank{rank}.pt") for run, rank in (("two", 0), ("two", 1), ("one", 0)))
 
 
 @pytest.mark.parametrize("objective", OBJECTIVES)
