@@ -18,7 +18,7 @@ single prompt "This is a photo of {}.". Rows:
 The pipeline and our classifier get the same decoded PIL images; probabilities are compared (max |diff|) so the
 speed-up is between equal answers. Writes `<out_dir>/zero_shot_throughput.json` and `.png`.
 
-    python benchmarks/zero_shot_throughput.py            # 1,000 images, 3 repeats
+    python benchmarks/zero_shot_throughput.py            # 1,000 images, 5 interleaved rounds
     python benchmarks/zero_shot_throughput.py --quick    # 200 images, 1 repeat (< 30 s)
     python benchmarks/zero_shot_throughput.py --threads 0  # torch's default thread count
 """
@@ -57,7 +57,8 @@ SUITE = "run_suite (--suite runner)"
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--num_images", type=int, default=1000)
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per method (the median is reported)")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="interleaved timed rounds per method (the median and the range are reported)")
     parser.add_argument("--batch_size", type=int, default=256, help="our batch size")
     parser.add_argument("--pipeline_batch_size", type=int, default=64)
     parser.add_argument("--data", default=None, help="parquet shards with image/label/caption (default: test split)")
@@ -72,8 +73,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def interleaved_timings(methods: dict, repeats: int) -> dict[str, tuple[float, object]]:
-    """Median wall time per method and its last result.
+def interleaved_timings(methods: dict, repeats: int) -> dict[str, tuple[list[float], object]]:
+    """Wall time of every timed round per method, and its last result.
 
     Each method runs once untimed (warm-up), then the methods take turns `repeats` times, so a burst of load from
     another process on a shared machine slows every method alike instead of one.
@@ -85,7 +86,7 @@ def interleaved_timings(methods: dict, repeats: int) -> dict[str, tuple[float, o
             start = time.perf_counter()
             results[name] = function()
             times[name].append(time.perf_counter() - start)
-    return {name: (statistics.median(times[name]), results[name]) for name in methods}
+    return {name: (times[name], results[name]) for name in methods}
 
 
 def pipeline_probabilities(outputs: list[list[dict]], class_names: list[str]) -> torch.Tensor:
@@ -147,10 +148,14 @@ def run(args: argparse.Namespace) -> dict:
         RECIPE: {"metrics": {k: v for k, v in timings[RECIPE][1]["metrics"].items() if "recall" in k or "acc" in k}},
     }
     measurements = {}
-    for name, (seconds, _) in timings.items():
-        measurements[name] = {"seconds": seconds, "images": len(images), "images_per_second": len(images) / seconds,
+    for name, (rounds, _) in timings.items():
+        seconds = statistics.median(rounds)
+        spread = [len(images) / max(rounds), len(images) / min(rounds)]  # slowest and fastest round
+        measurements[name] = {"seconds": seconds, "seconds_per_round": rounds, "images": len(images),
+                              "images_per_second": len(images) / seconds, "images_per_second_min_max": spread,
                               **extra.get(name, {})}
-        print(f"{name:<50} {len(images) / seconds:10.1f} images/s  ({seconds:.3f} s)", flush=True)
+        print(f"{name:<50} {len(images) / seconds:10.1f} images/s  ({seconds:.3f} s; rounds "
+              f"{spread[0]:.0f}-{spread[1]:.0f} images/s)", flush=True)
 
     baseline = measurements["pipeline (batch_size=1)"]["images_per_second"]
     batched_speed = measurements[batched]["images_per_second"]
