@@ -1,7 +1,8 @@
 """Our metric functions vs CLIP_benchmark 1.6.2's on the same embeddings (not a test dependency).
 
 Run with an interpreter that has `clip_benchmark` (and scikit-learn) installed besides this package, e.g. a throwaway
-venv: `python -m venv /tmp/cb && /tmp/cb/bin/pip install clip_benchmark==1.6.2 --no-deps scikit-learn`. The script
+venv: `python -m venv /tmp/cb && /tmp/cb/bin/pip install clip_benchmark==1.6.2 --no-deps scikit-learn "numpy<2.4"`
+(CLIP_benchmark 1.6.2's `accuracy` calls `float()` on a 1-element array, an error from numpy 2.4 on). The script
 builds embeddings with ties and repeated captions, scores them with CLIP_benchmark's `accuracy`,
 `balanced_accuracy_score` and `recall_at_k` and with `neuclip_hf.metrics` under both tie rules, and writes
 `results/clip_benchmark_parity.json`.
@@ -11,6 +12,7 @@ builds embeddings with ties and repeated captions, scores them with CLIP_benchma
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import sys
 from pathlib import Path
@@ -64,9 +66,8 @@ def main() -> dict:
         for key, value in row["clip_benchmark"].items():
             print(f"  {key:<28} clip_benchmark {value:.6f}  ours(topk) {row['ours_topk'][key]:.6f}  "
                   f"ours(expected) {row['ours_expected'][key]:.6f}")
-    import clip_benchmark
 
-    record = {"clip_benchmark_version": getattr(clip_benchmark, "__version__", "1.6.2"), "torch": torch.__version__,
+    record = {"clip_benchmark_version": importlib.metadata.version("clip_benchmark"), "torch": torch.__version__,
               "results": results}
     out = Path(__file__).parent / "results" / "clip_benchmark_parity.json"
     out.write_text(json.dumps(record, indent=2) + "\n")
