@@ -140,9 +140,10 @@ class DataArguments:
                 "each set_epoch. 0 = fixed order and exact resume; with a buffer, a resume skips the buffered "
                 "examples (at most shuffle_buffer per worker) and repeats none."})
     max_bad_fraction: float = field(default=0.01, metadata={
-        "help": "Stop with an error when more than this fraction of the samples read is bad."})
-    bad_check_min_samples: int = field(default=200, metadata={
-        "help": "Judge the bad fraction only after this many samples per worker."})
+        "help": "Stop with an error when the fraction of bad samples read (totals over every DataLoader worker and "
+                "rank) is over this limit with 99.5% confidence (Wilson lower bound). 0: any bad sample stops."})
+    bad_check_min_samples: int = field(default=1000, metadata={
+        "help": "Judge the bad fraction only after this many samples were read in total (all workers and ranks)."})
     min_image_side: int = field(default=DEFAULT_MIN_SIDE, metadata={"help": "Skip images with a smaller side."})
     max_image_pixels: int = field(default=DEFAULT_MAX_PIXELS, metadata={
         "help": "Skip images with more pixels (decompression bombs; checked before decoding)."})
