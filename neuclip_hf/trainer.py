@@ -155,11 +155,16 @@ class EndlessLoader:
         empty_passes = 0
         while True:
             produced = False
+            totals = getattr(self.loader, "totals", None)
+            read_before = totals.read if totals is not None else None
             for batch in self.loader:
                 produced = True
                 yield batch
             empty_passes = 0 if produced else empty_passes + 1
-            if empty_passes > 1:  # one empty pass is normal right after resuming at the end of an epoch
+            read_something = totals is not None and totals.read > read_before
+            # One pass that reads nothing is normal right after resuming at the end of an epoch; a pass that read
+            # samples without making a batch, or a second empty pass, means the data cannot feed training.
+            if empty_passes > 1 or (empty_passes and read_something):
                 raise self.no_batch_error()
             if hasattr(self.loader, "set_epoch") and hasattr(self.loader, "epoch"):
                 self.loader.set_epoch(self.loader.epoch + 1)
@@ -238,8 +243,9 @@ class NeuCLIPTrainer(HubPushMixin, Trainer):
         self._nonfinite_streak = 0
         self._nonfinite_total = 0
         self._queued_logs: list[dict[str, float]] = []
-        # Data counts: this rank's not yet all-reduced [read, skipped per reason], and the run's totals over ranks.
-        self._data_pending = torch.zeros(len(BAD_SAMPLE_REASONS) + 1, dtype=torch.float64)
+        # Data counts [read, skipped per reason]: this rank's loader totals already all-reduced, and the run's totals
+        # over every rank.
+        self._data_reported = torch.zeros(len(BAD_SAMPLE_REASONS) + 1, dtype=torch.float64)
         self._data_totals = torch.zeros(len(BAD_SAMPLE_REASONS) + 1, dtype=torch.float64)
         self._data_limits: tuple[float, int] | None = None  # (max_bad_fraction, min samples) of the stream
         self.stop_requested = False  # set by SIGTERM on this rank
@@ -322,10 +328,6 @@ class NeuCLIPTrainer(HubPushMixin, Trainer):
                 # it draws from the global RNG).
                 self.args.ignore_data_skip = True
                 self._defer_rng_restore = True
-                totals = getattr(stream_loader, "totals", None)
-                if totals is not None:  # the counts before the checkpoint join the first step's all-reduce
-                    self._data_pending += torch.tensor([totals.read] + [totals.bad[r] for r in BAD_SAMPLE_REASONS],
-                                                       dtype=torch.float64)
                 logger.info(f"Restored the data stream position of rank {rank} from {path}")
             else:
                 logger.warning(
@@ -442,14 +444,17 @@ class NeuCLIPTrainer(HubPushMixin, Trainer):
         rank's loss is finite, sets `stop_agreed`, adds the counts to the run's totals and raises
         `DataQualityError` (on every rank at the same step) when they are over the limit."""
         world = self.accelerator.num_processes
-        local = torch.cat([torch.stack([finite.double().reshape(()).cpu(), torch.tensor(float(self.stop_requested),
-                                                                                        dtype=torch.float64)]),
-                           self._data_pending])
-        summed = local.to(self.args.device)  # float64: exact counts (gloo and NCCL reduce it)
+        # This rank's new data counts: its loader's totals (resumed with the data position, so a resumed run counts
+        # the samples before its checkpoint too) minus what earlier steps already reduced.
+        totals = getattr(getattr(self._train_loader, "loader", None), "totals", None)
+        current = self._data_reported.clone() if totals is None else torch.tensor(
+            [totals.read] + [totals.bad[r] for r in BAD_SAMPLE_REASONS], dtype=torch.float64)
+        flags = torch.tensor([float(finite.item()), float(self.stop_requested)], dtype=torch.float64)
+        summed = torch.cat([flags, current - self._data_reported]).to(self.args.device)  # float64: exact counts
         if world > 1:
             summed = self.accelerator.reduce(summed, reduction="sum")
         summed = summed.cpu()
-        self._data_pending.zero_()
+        self._data_reported = current
         self._data_totals += summed[2:]
         if summed[1].item() > 0 and not self.stop_agreed:
             self.stop_agreed = True
@@ -517,11 +522,9 @@ class NeuCLIPTrainer(HubPushMixin, Trainer):
         self._samples_seen += int(outputs.image_embeds.shape[0]) * self.accelerator.num_processes
 
     def _accumulate_data_stats(self, stats: dict | None) -> None:
-        """Fold one batch's `data_stats` (samples read, skipped per reason since the loader's last batch) in."""
+        """Warn about the bad samples of one batch's `data_stats` (the counts are taken from the loader's totals)."""
         if not stats:
             return
-        counts = [stats.get("samples_read", 0)] + [stats.get(f"skipped_{r}", 0) for r in BAD_SAMPLE_REASONS]
-        self._data_pending += torch.tensor(counts, dtype=torch.float64)
         if stats.get("samples_skipped"):
             logger.warning(f"skipped {stats['samples_skipped']} bad sample(s); last: {stats.get('last_bad_reason')} "
                            f"in {stats.get('last_bad_shard')}")
