@@ -142,3 +142,37 @@ def test_a_mostly_bad_shard_ends_with_the_accounting(tmp_path, proc):
         next(iter(EndlessLoader(loader_for(proc, spec, batch_size=4))))
     # The 2 good samples are read (one partial batch when it is kept).
     assert collect_ids(loader_for(proc, spec, batch_size=4, max_bad_fraction=1.0)) == []
+
+
+def _trainer_on(tmp_path, spec, proc, **data_kwargs):
+    from hub_helpers import hub_model
+
+    from neuclip_hf.trainer import NeuCLIPTrainer, NeuCLIPTrainingArguments
+
+    data_args = DataArguments(train_data=spec, max_text_length=16, **data_kwargs)
+    args = NeuCLIPTrainingArguments(output_dir=str(tmp_path / "run"), max_steps=8, per_device_train_batch_size=4,
+                                    logging_steps=2, report_to=[], use_cpu=True, disable_tqdm=True, seed=0,
+                                    save_strategy="no", warmup_steps=0, dataloader_num_workers=2)
+    factory = lambda: build_train_dataloader(data_args, proc, 4, 2, rank=0, world_size=1, seed=0)  # noqa: E731
+    return NeuCLIPTrainer(model=hub_model(objective="clip"), args=args, train_loader_factory=factory)
+
+
+def test_the_limit_judges_the_totals_of_every_worker_and_logs_running_totals(tmp_path, proc):
+    """Two bad samples at the very start of worker 0's shard (2 of its first 6 samples: 33%) once stopped the run;
+    judged on the totals of both workers with the 99.5% bound (2 of 48 overall) it trains, and every logged line
+    holds the running totals of the run, not the counts of its logging window."""
+    write_webdataset(tmp_path / "data", shards=2, per_shard=24, bad={0: "image_undecodable", 1: "image_undecodable"})
+    spec = str(tmp_path / "data" / "*.tar")
+    trainer = _trainer_on(tmp_path, spec, proc, max_bad_fraction=0.05, bad_check_min_samples=8)
+    trainer.train()
+    lines = [h for h in trainer.state.log_history if "loss" in h]
+    assert [h["step"] for h in lines] == [2, 4, 6, 8]
+    read = [h["data_samples_read"] for h in lines]
+    assert read == sorted(read) and read[-1] >= 8 * 4 + 2  # cumulative: 32 good samples trained + the 2 bad ones
+    assert [h["data_skipped_image_undecodable"] for h in lines] == [2, 2, 2, 2]
+    # The same data with no bad sample allowed stops once 8 samples were read, on the totals of both workers.
+    strict = _trainer_on(tmp_path / "strict", spec, proc, max_bad_fraction=0.0, bad_check_min_samples=8)
+    with pytest.raises(DataQualityError, match=r"2 of 10 samples \(20.00%\) read by all 1 rank\(s\) were bad, over "
+                                               r"max_bad_fraction=0.00% .*image_undecodable=2; on rank 0: 10 "
+                                               r"sample\(s\) read from 2 shard\(s\)"):
+        strict.train()
