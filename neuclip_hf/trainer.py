@@ -224,6 +224,9 @@ class NeuCLIPTrainer(HubPushMixin, Trainer):
         self._check_output_dir(args.output_dir)
         # Used by the Hub pushes (the repository is created inside Trainer.__init__ under --push_to_hub).
         self.hub_retry = RetryPolicy(args.hub_push_attempts, args.hub_push_backoff)
+        # --hub_token lives on the trainer, not in the arguments: `Trainer` pickles the arguments into
+        # training_args.bin (output_dir and every checkpoint) and TensorBoard / loggers record them.
+        self._hub_token, args.hub_token = args.hub_token, None
         self.card_info: dict = {}
         super().__init__(model=model, args=args, **kwargs)
         self._train_loader_factory = train_loader_factory
