@@ -239,6 +239,10 @@ class NeuCLIPTrainingArguments(TrainingArguments):
     ddp_find_unused_parameters: bool | None = field(default=False, metadata={"help": "All encoder weights are used."})
     logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
     dataloader_drop_last: bool = field(default=True, metadata={"help": "Equal batches on every rank."})
+    ddp_timeout: int = field(default=900, metadata={
+        "help": "Seconds a rank waits in a collective (the process-group timeout) before failing: bounds how long "
+                "the others wait for a rank that hangs or whose death the launcher cannot see. Raise it when the "
+                "main process's evaluation or Hub upload, which the other ranks wait for, takes longer."})
     hub_push_tensorboard: bool = field(
         default=False, metadata={"help": "Also push the TensorBoard event files under output_dir/runs/ "
                                          "(--report_to tensorboard writes them) with the model."}
