@@ -23,15 +23,15 @@ def files_containing(root: Path, needle: bytes) -> list[str]:
 
 
 def test_hub_token_is_in_no_file_of_the_output_dir(tmp_path, capfd):
-    trainer = make_trainer("clip", tmp_path / "run", 2, save_steps=1, hub_token=TOKEN, report_to=["tensorboard"])
+    # (TensorBoard events are scanned by the slow recipe test below: importing TensorBoard costs seconds here.)
+    trainer = make_trainer("clip", tmp_path / "run", 2, save_steps=1, hub_token=TOKEN)
     trainer.train()
     trainer.save_model()
     out = tmp_path / "run"
     written = [p for p in out.rglob("*") if p.is_file()]
-    # What is scanned: both checkpoints and the final save (pickled arguments included) and the TensorBoard events.
+    # What is scanned: both checkpoints and the final save, pickled arguments included.
     assert {"checkpoint-1/training_args.bin", "checkpoint-2/training_args.bin", "training_args.bin"} <= {
         str(p.relative_to(out)) for p in written}
-    assert any(p.name.startswith("events.out.tfevents.") for p in written)
     assert files_containing(out, TOKEN.encode()) == []
     assert torch.load(out / "training_args.bin", weights_only=False).hub_token is None
     assert trainer._hub_token == TOKEN  # still there for the pushes
@@ -88,6 +88,8 @@ def test_a_pushed_recipe_run_writes_no_token_and_pushes_no_local_path(fake_hub, 
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-6000:]
     assert TOKEN not in output and "DEBUG" in output
+    assert any(p.name.startswith("events.out.tfevents.") for p in out.rglob("*"))  # scanned too
+    assert any(p.name == "training_args.bin" for p in out.glob("checkpoint-*/*"))
     assert files_containing(out, TOKEN.encode()) == []
     pushed = fake_hub.files("user/secret-check")
     assert {"README.md", "config.json", "model.safetensors", "eval_results.json"} <= set(pushed)
