@@ -140,9 +140,10 @@ class DataArguments:
                 "each set_epoch. 0 = fixed order and exact resume; with a buffer, a resume skips the buffered "
                 "examples (at most shuffle_buffer per worker) and repeats none."})
     max_bad_fraction: float = field(default=0.01, metadata={
-        "help": "Stop with an error when more than this fraction of the samples read is bad."})
-    bad_check_min_samples: int = field(default=200, metadata={
-        "help": "Judge the bad fraction only after this many samples per worker."})
+        "help": "Stop with an error when the fraction of bad samples read (totals over every DataLoader worker and "
+                "rank) is over this limit with 99.5% confidence (Wilson lower bound). 0: any bad sample stops."})
+    bad_check_min_samples: int = field(default=1000, metadata={
+        "help": "Judge the bad fraction only after this many samples were read in total (all workers and ranks)."})
     min_image_side: int = field(default=DEFAULT_MIN_SIDE, metadata={"help": "Skip images with a smaller side."})
     max_image_pixels: int = field(default=DEFAULT_MAX_PIXELS, metadata={
         "help": "Skip images with more pixels (decompression bombs; checked before decoding)."})
@@ -238,6 +239,10 @@ class NeuCLIPTrainingArguments(TrainingArguments):
     ddp_find_unused_parameters: bool | None = field(default=False, metadata={"help": "All encoder weights are used."})
     logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
     dataloader_drop_last: bool = field(default=True, metadata={"help": "Equal batches on every rank."})
+    ddp_timeout: int = field(default=900, metadata={
+        "help": "Seconds a rank waits in a collective (the process-group timeout) before failing: bounds how long "
+                "the others wait for a rank that hangs or whose death the launcher cannot see. Raise it when the "
+                "main process's evaluation or Hub upload, which the other ranks wait for, takes longer."})
     hub_push_tensorboard: bool = field(
         default=False, metadata={"help": "Also push the TensorBoard event files under output_dir/runs/ "
                                          "(--report_to tensorboard writes them) with the model."}

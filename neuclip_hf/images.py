@@ -25,6 +25,7 @@ BAD_SAMPLE_REASONS = (
     "caption_empty",
     "caption_not_utf8",
     "caption_undecodable",  # caption metadata that does not parse (e.g. invalid JSON in a webdataset `.json`)
+    "shard_truncated",  # a tar that ends early or is corrupt: counted once, the rest of that shard is skipped
 )
 DEFAULT_MIN_SIDE = 8
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb threshold (about 9.5k x 9.5k)

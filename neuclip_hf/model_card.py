@@ -64,6 +64,23 @@ RETRIEVAL_TASK = ("image-text-retrieval", "Image-text retrieval")
 CLASSIFICATION_TASK = ("zero-shot-image-classification", "Zero-shot image classification")
 
 
+# An absolute local path (POSIX `/a/b`, home-relative `~/a`, Windows `C:\\a`), up to a space, quote, comma or bracket.
+_LOCAL_PATH = re.compile(r"(?<![\w:/.])(?:~|[A-Za-z]:\\|/)[^\s,;'\"()\[\]{}<>]*")
+
+
+def public_text(text: str | None) -> str | None:
+    """`text` with every absolute local path replaced by its last component (`/home/ann/data/*.tar` -> `*.tar`):
+    what a card or any pushed file says about local data, without the user name or the machine's layout."""
+    if not text:
+        return text
+
+    def last_part(match: re.Match) -> str:
+        path = match.group(0).rstrip("/\\")
+        return re.split(r"[/\\]", path)[-1] or path
+
+    return _LOCAL_PATH.sub(last_part, text)
+
+
 @dataclass
 class TrainingSummary:
     """What a card says about the training run; every field is optional.

@@ -27,7 +27,10 @@ same sequence of collective calls, whatever it logs, evaluates, saves or pushes.
 from __future__ import annotations
 
 import os
+import shutil
+import signal
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from typing import Any, Callable
@@ -43,6 +46,7 @@ from .arguments import NeuCLIPTrainingArguments
 from .checkpointing import marker_global_step, resolve_resume_checkpoint, write_marker
 from .distributed import rank_and_world_size
 from .hub import NORMALIZER_WEIGHTS_NAME, RetryPolicy, load_normalizer, save_normalizer
+from .data.samples import DataQualityError, bad_data_message, over_bad_limit
 from .images import BAD_SAMPLE_REASONS
 from .lora import check_lora_model, keep_normalizer_trainable
 from .modeling_neuclip import is_peft_model, unwrap_model
@@ -54,6 +58,7 @@ logger = logging.get_logger(__name__)
 NORMALIZER_STATE_NAME = "normalizer_optimizer.pt"
 RHO_EPOCHS_NEED_SIZE = "--rho_schedule_unit epoch counts epochs: set --train_num_samples (the training-set size)"
 DATA_STATE_NAME = "data_state_rank{rank}.pt"
+PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM  # 143: what a process ended by SIGTERM reports, as schedulers expect
 
 
 def checkpoint_map_location(device: torch.device, world_size: int) -> torch.device | str:
@@ -131,16 +136,37 @@ class EndlessLoader:
     def __init__(self, loader):
         self.loader = loader
 
+    def no_batch_error(self) -> Exception:
+        """The error of a pass without a batch: what was read and skipped (per reason, per shard), as a
+        `DataQualityError` when the bad fraction is over the limit, else a `RuntimeError`."""
+        totals, stream = getattr(self.loader, "totals", None), getattr(self.loader, "stream", None)
+        if totals is None:
+            return RuntimeError("the training data yields no batch: fewer samples than one batch per rank?")
+        layout = getattr(self.loader, "layout", {})
+        if stream is not None and over_bad_limit(totals.read, totals.skipped, stream.max_bad_fraction, 1):
+            return DataQualityError(bad_data_message(totals.read, totals.skipped, stream.max_bad_fraction,
+                                                     f"rank {layout.get('rank', 0)}", totals.describe()))
+        return RuntimeError(
+            f"the training data yields no batch on rank {layout.get('rank', 0)}: {totals.describe()}. Each "
+            f"DataLoader worker needs at least batch_size={layout.get('batch_size', '?')} good samples per pass "
+            f"(num_workers={layout.get('num_workers', '?')}, world_size={layout.get('world_size', '?')})."
+        )
+
     def __iter__(self):
         empty_passes = 0
         while True:
             produced = False
+            totals = getattr(self.loader, "totals", None)
+            read_before = totals.read if totals is not None else None
             for batch in self.loader:
                 produced = True
                 yield batch
             empty_passes = 0 if produced else empty_passes + 1
-            if empty_passes > 1:  # one empty pass is normal right after resuming at the end of an epoch
-                raise RuntimeError("the training data yields no batch: fewer samples than one batch per rank?")
+            read_something = totals is not None and totals.read > read_before
+            # One pass that reads nothing is normal right after resuming at the end of an epoch; a pass that read
+            # samples without making a batch, or a second empty pass, means the data cannot feed training.
+            if empty_passes > 1 or (empty_passes and read_something):
+                raise self.no_batch_error()
             if hasattr(self.loader, "set_epoch") and hasattr(self.loader, "epoch"):
                 self.loader.set_epoch(self.loader.epoch + 1)
 
@@ -159,6 +185,20 @@ class _AfterOptimizerStep(TrainerCallback):
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         self.trainer.after_optimizer_step()
+
+
+class _StopOnSignal(TrainerCallback):
+    """Saves a checkpoint and stops after the step in which any rank received SIGTERM (decided on every rank from
+    the same all-reduced flag, so every rank saves and stops at the same step)."""
+
+    def __init__(self, trainer: "NeuCLIPTrainer"):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.trainer.stop_agreed:
+            control.should_save = True
+            control.should_training_stop = True
+        return control
 
 
 class NeuCLIPTrainer(HubPushMixin, Trainer):
@@ -185,6 +225,9 @@ class NeuCLIPTrainer(HubPushMixin, Trainer):
         self._check_output_dir(args.output_dir)
         # Used by the Hub pushes (the repository is created inside Trainer.__init__ under --push_to_hub).
         self.hub_retry = RetryPolicy(args.hub_push_attempts, args.hub_push_backoff)
+        # --hub_token lives on the trainer, not in the arguments: `Trainer` pickles the arguments into
+        # training_args.bin (output_dir and every checkpoint) and TensorBoard / loggers record them.
+        self._hub_token, args.hub_token = args.hub_token, None
         self.card_info: dict = {}
         super().__init__(model=model, args=args, **kwargs)
         self._train_loader_factory = train_loader_factory
@@ -204,8 +247,16 @@ class NeuCLIPTrainer(HubPushMixin, Trainer):
         self._nonfinite_streak = 0
         self._nonfinite_total = 0
         self._queued_logs: list[dict[str, float]] = []
+        # Data counts [read, skipped per reason]: this rank's loader totals already all-reduced, and the run's totals
+        # over every rank.
+        self._data_reported = torch.zeros(len(BAD_SAMPLE_REASONS) + 1, dtype=torch.float64)
+        self._data_totals = torch.zeros(len(BAD_SAMPLE_REASONS) + 1, dtype=torch.float64)
+        self._data_limits: tuple[float, int] | None = None  # (max_bad_fraction, min samples) of the stream
+        self.stop_requested = False  # set by SIGTERM on this rank
+        self.stop_agreed = False  # some rank received SIGTERM: every rank saves and stops after this step
         self._reset_metric_accumulators()
         self.add_callback(_AfterOptimizerStep(self))
+        self.add_callback(_StopOnSignal(self))
 
     @staticmethod
     def _check_output_dir(output_dir: str) -> None:
@@ -264,8 +315,13 @@ class NeuCLIPTrainer(HubPushMixin, Trainer):
     def get_train_dataloader(self):
         if self._train_loader_factory is None:
             return super().get_train_dataloader()
-        loader = EndlessLoader(self._train_loader_factory())
+        stream_loader = self._train_loader_factory()
+        loader = EndlessLoader(stream_loader)
         self._train_loader = loader
+        stream = getattr(stream_loader, "stream", None)
+        if hasattr(stream_loader, "enforce_bad_limit") and stream is not None:
+            stream_loader.enforce_bad_limit = False  # judged here on the totals of every rank (training_step)
+            self._data_limits = (stream.max_bad_fraction, stream.bad_check_min_samples)
         if self._resume_checkpoint is not None and hasattr(loader, "load_state_dict"):
             rank, world_size = rank_and_world_size()
             path = os.path.join(self._resume_checkpoint, DATA_STATE_NAME.format(rank=rank))
@@ -375,8 +431,9 @@ class NeuCLIPTrainer(HubPushMixin, Trainer):
         with self.compute_loss_context_manager():
             outputs = model(**inputs, return_loss=True, update_normalizer=True, rho=rho)
         loss = outputs.loss
-        # Every rank must take the same decision, or DDP would deadlock: skip the step if ANY rank is non-finite.
-        finite = self._all_ranks(torch.isfinite(loss.detach()))
+        # Every rank must take the same decisions, or DDP would deadlock: skip the step if ANY rank is non-finite,
+        # stop when ANY rank got SIGTERM or the bad data of ALL ranks is over the limit (one all-reduce for all).
+        finite = self._agree_on_step(torch.isfinite(loss.detach()))
         self.accelerator.backward(loss)  # also on a bad step, so every rank joins DDP's gradient reduction
         if not finite:
             model.zero_grad(set_to_none=True)  # no gradient -> AdamW leaves every weight and moment unchanged
@@ -386,11 +443,43 @@ class NeuCLIPTrainer(HubPushMixin, Trainer):
         self._accumulate_step_metrics(outputs, rho)
         return loss.detach()
 
-    def _all_ranks(self, flag: torch.Tensor) -> bool:
-        flag = flag.to(self.args.device, torch.float32).reshape(1)
-        if self.accelerator.num_processes > 1:
-            flag = self.accelerator.reduce(flag, reduction="sum") / self.accelerator.num_processes
-        return bool(flag.item() == 1.0)
+    def _agree_on_step(self, finite: torch.Tensor) -> bool:
+        """All-reduce (sum) [finite, SIGTERM received, data counts of this step] over ranks; returns whether every
+        rank's loss is finite, sets `stop_agreed`, adds the counts to the run's totals and raises
+        `DataQualityError` (on every rank at the same step) when they are over the limit."""
+        world = self.accelerator.num_processes
+        # This rank's new data counts: its loader's totals (resumed with the data position, so a resumed run counts
+        # the samples before its checkpoint too) minus what earlier steps already reduced.
+        totals = getattr(getattr(self._train_loader, "loader", None), "totals", None)
+        current = self._data_reported.clone() if totals is None else torch.tensor(
+            [totals.read] + [totals.bad[r] for r in BAD_SAMPLE_REASONS], dtype=torch.float64)
+        flags = torch.tensor([float(finite.item()), float(self.stop_requested)], dtype=torch.float64)
+        summed = torch.cat([flags, current - self._data_reported]).to(self.args.device)  # float64: exact counts
+        if world > 1:
+            summed = self.accelerator.reduce(summed, reduction="sum")
+        summed = summed.cpu()
+        self._data_reported = current
+        self._data_totals += summed[2:]
+        if summed[1].item() > 0 and not self.stop_agreed:
+            self.stop_agreed = True
+            logger.warning(f"SIGTERM received by {int(summed[1].item())} rank(s): saving a checkpoint after step "
+                           f"{self.state.global_step + 1}, then stopping (exit code {PREEMPTED_EXIT_CODE})")
+        self._check_bad_data()
+        return bool(summed[0].item() == world)
+
+    def _check_bad_data(self) -> None:
+        if self._data_limits is None:
+            return
+        max_fraction, min_samples = self._data_limits
+        read, skipped = float(self._data_totals[0]), float(self._data_totals[1:].sum())
+        if over_bad_limit(read, skipped, max_fraction, min_samples):
+            rank, world = rank_and_world_size()
+            totals = getattr(getattr(self._train_loader, "loader", None), "totals", None)
+            details = ", ".join(f"{reason}={int(n)}" for reason, n in zip(BAD_SAMPLE_REASONS, self._data_totals[1:])
+                                if n)
+            local = f"; on rank {rank}: {totals.describe()}" if totals is not None else ""
+            raise DataQualityError(bad_data_message(read, skipped, max_fraction, f"all {world} rank(s)",
+                                                    f"Skipped: {details}{local}"))
 
     def _handle_nonfinite_step(self, outputs) -> None:
         self._nonfinite_streak += 1
@@ -425,7 +514,6 @@ class NeuCLIPTrainer(HubPushMixin, Trainer):
         self._metric_sums: dict[str, torch.Tensor] = {}
         self._metric_steps = 0
         self._samples_seen = 0
-        self._data_counts = torch.zeros(len(BAD_SAMPLE_REASONS) + 1, dtype=torch.float64)
         self._last_log_time = time.time()
 
     def _accumulate_step_metrics(self, outputs, rho: float | None) -> None:
@@ -439,11 +527,9 @@ class NeuCLIPTrainer(HubPushMixin, Trainer):
         self._samples_seen += int(outputs.image_embeds.shape[0]) * self.accelerator.num_processes
 
     def _accumulate_data_stats(self, stats: dict | None) -> None:
-        """Fold one batch's `data_stats` (samples read, skipped per reason since the worker's last batch) in."""
+        """Warn about the bad samples of one batch's `data_stats` (the counts are taken from the loader's totals)."""
         if not stats:
             return
-        counts = [stats.get("samples_read", 0)] + [stats.get(f"skipped_{r}", 0) for r in BAD_SAMPLE_REASONS]
-        self._data_counts += torch.tensor(counts, dtype=torch.float64)
         if stats.get("samples_skipped"):
             logger.warning(f"skipped {stats['samples_skipped']} bad sample(s); last: {stats.get('last_bad_reason')} "
                            f"in {stats.get('last_bad_shard')}")
@@ -459,10 +545,7 @@ class NeuCLIPTrainer(HubPushMixin, Trainer):
                 stacked = self.accelerator.reduce(stacked, reduction="mean")
             for name, value in zip(names, stacked.tolist()):
                 logs[name] = round(value * self._metric_steps) if name in counts else value
-        data_counts = self._data_counts.to(self.args.device)
-        if self.accelerator.num_processes > 1:
-            data_counts = self.accelerator.reduce(data_counts, reduction="sum")
-        data_counts = data_counts.tolist()
+        data_counts = self._data_totals.tolist()  # running totals of the run, over every rank (see _agree_on_step)
         if data_counts[0] > 0:
             logs["data_samples_read"] = data_counts[0]
             for reason, count in zip(BAD_SAMPLE_REASONS, data_counts[1:]):
@@ -569,14 +652,56 @@ class NeuCLIPTrainer(HubPushMixin, Trainer):
         """`Trainer.train`, resuming only from complete checkpoints (`True` picks the newest complete one); writes
         the model card (`output_dir/README.md`) at the end."""
         self.check_epoch_length()
+        self.check_disk_space()
         self._resume_checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir)
         if self._resume_checkpoint is not None and self.is_world_process_zero():
             # The path as the user gave it (or under the --output_dir they gave): no path is made absolute.
             step = marker_global_step(self._resume_checkpoint)
             logger.warning(f"Resuming from {self._resume_checkpoint} (step {step})")
-        output = super().train(resume_from_checkpoint=self._resume_checkpoint, **kwargs)
+        with self._sigterm_requests_a_stop():
+            output = super().train(resume_from_checkpoint=self._resume_checkpoint, **kwargs)
+        if self.stop_agreed:
+            logger.warning(f"Stopped by SIGTERM: checkpoint-{self.state.global_step} in {self.args.output_dir} is "
+                           "complete; continue with --resume_from_checkpoint true")
+            raise SystemExit(PREEMPTED_EXIT_CODE)
         self.create_model_card()  # a local README.md at the end of every run, pushed or not (main process)
         return output
+
+    @contextmanager
+    def _sigterm_requests_a_stop(self):
+        """While training, SIGTERM (a preempted job, or the launcher stopping the ranks) only sets `stop_requested`:
+        the next step's all-reduce tells every rank, which then save a complete checkpoint and stop."""
+        if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
+            yield
+            return
+
+        def request_stop(signum, frame):
+            self.stop_requested = True
+
+        previous = signal.signal(signal.SIGTERM, request_stop)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    def checkpoint_bytes(self) -> int:
+        """About what one save writes: the weights, plus AdamW's two moments when checkpoints are saved."""
+        weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        weights += sum(b.numel() * b.element_size() for b in self.model.buffers())
+        trainable = sum(p.numel() * 4 for p in self.model.parameters() if p.requires_grad)
+        saves_checkpoints = str(getattr(self.args.save_strategy, "value", self.args.save_strategy)) != "no"
+        return weights + (2 * trainable if saves_checkpoints else 0)
+
+    def check_disk_space(self) -> None:
+        """Refuse to start when `output_dir` cannot be written or has less free space than one save needs (a full
+        disk would otherwise fail at the first checkpoint, after the work of the steps before it)."""
+        self._check_output_dir(self.args.output_dir)
+        needed = self.checkpoint_bytes()
+        free = shutil.disk_usage(self.args.output_dir).free
+        if free < needed:
+            raise ValueError(f"--output_dir={self.args.output_dir!r} has {free / 2**20:.1f} MiB free, but one save "
+                             f"of this model needs about {needed / 2**20:.1f} MiB (weights and optimizer state): "
+                             "free some space or choose another --output_dir")
 
 
 

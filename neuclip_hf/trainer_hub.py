@@ -30,7 +30,7 @@ from .distributed import main_process_result
 from .evaluation import ZeroShotEvalCallback
 from .hub import HubPushError, RetryPolicy, call_with_retry, upload_folder
 from .lora import lora_summary
-from .model_card import DEFAULT_LICENSE, TrainingSummary, build_model_card
+from .model_card import DEFAULT_LICENSE, TrainingSummary, build_model_card, public_text
 
 logger = logging.get_logger(__name__)
 
@@ -47,8 +47,10 @@ class HubPushMixin:
     hub_retry: RetryPolicy
     card_info: dict
 
+    _hub_token: str | None = None  # --hub_token, taken out of the arguments by NeuCLIPTrainer (never pickled)
+
     def _secret(self, token: str | None) -> str | None:
-        return token or self.args.hub_token or get_token()
+        return token or self._hub_token or get_token()
 
     def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
         """Create the repository (retried on transient failures; `HubPushError` if it cannot be created).
@@ -57,7 +59,7 @@ class HubPushMixin:
         (`push_to_hub` creates the repository when `hub_model_id` is None) are the same on every rank.
         """
         repo_name = self.args.hub_model_id or Path(self.args.output_dir).absolute().name
-        token = token if token is not None else self.args.hub_token
+        token = token if token is not None else self._hub_token
         private = private if private is not None else self.args.hub_private_repo
 
         def create() -> str:
@@ -92,13 +94,15 @@ class HubPushMixin:
             finetuned_from=finetuned_from, license=license, tags=[tags] if isinstance(tags, str) else tags,
             model_name=model_name, language=language, eval_dataset_id=eval_dataset_id).items() if v is not None}}
         callback = next((cb for cb in self.callback_handler.callbacks if isinstance(cb, ZeroShotEvalCallback)), None)
-        summary = TrainingSummary.from_trainer(self, info.get("training_data"), info.get("finetuned_from"),
-                                               lora=lora_summary(self.model))
+        # Data and checkpoint names as the card shows them: local paths by their last component (no user name,
+        # no machine layout leaves the machine).
+        summary = TrainingSummary.from_trainer(self, public_text(info.get("training_data")),
+                                               public_text(info.get("finetuned_from")), lora=lora_summary(self.model))
         repo_id = self.hub_model_id or self.args.hub_model_id or Path(self.args.output_dir).absolute().name
         card = build_model_card(
             self.model, repo_id=repo_id, training=summary,
             eval_results={**callback.results, "metric_for_best": callback.metric_for_best} if callback else None,
-            eval_dataset=callback.evaluator.data.description if callback else None,
+            eval_dataset=public_text(callback.evaluator.data.description) if callback else None,
             eval_max_samples=callback.evaluator.max_samples if callback else None,
             eval_dataset_id=info.get("eval_dataset_id"), license=info.get("license") or DEFAULT_LICENSE,
             tags=info.get("tags"), language=info.get("language", "en"), model_name=info.get("model_name"),
@@ -127,7 +131,7 @@ class HubPushMixin:
             hub.HubPushError: the upload failed after its retries; `output_dir` holds the complete saved model.
         """
         self.callback_handler.on_push_begin(self.args, self.state, self.control)
-        token = token if token is not None else self.args.hub_token
+        token = token if token is not None else self._hub_token
         if self.hub_model_id is None:
             self.init_hf_repo(token=token, private=private)
         self.save_model(_internal_call=True)  # every rank: the save may need collectives
@@ -166,7 +170,7 @@ class HubPushMixin:
 
         def push():
             try:
-                return upload_folder(output_dir, self.hub_model_id, token=self.args.hub_token,
+                return upload_folder(output_dir, self.hub_model_id, token=self._hub_token,
                                      revision=self.args.hub_revision, commit_message=message, retry=self.hub_retry,
                                      api=hf_api(), create_repo=False,
                                      include_tensorboard=self.args.hub_push_tensorboard)

@@ -93,10 +93,10 @@ def main(argv: list[str] | None = None) -> dict:
     # 5. Train, save (model + processor; LoRA: adapter + normalizer), report, push (the model files and a card).
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     metrics = eval_callback.results["latest"] or {}
-    summary = {"output_dir": os.path.abspath(training_args.output_dir), "objective": model_args.objective,
-               "global_step": trainer.state.global_step, "eval": metrics}
-    if trainer.is_world_process_zero():
-        Path(training_args.output_dir, "eval_results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    results = {"objective": model_args.objective, "global_step": trainer.state.global_step, "eval": metrics}
+    summary = {"output_dir": os.path.abspath(training_args.output_dir), **results}
+    if trainer.is_world_process_zero():  # pushed with the model: no local path in it
+        Path(training_args.output_dir, "eval_results.json").write_text(json.dumps(results, indent=2) + "\n")
         print(format_metrics_table(metrics))
         print(f"\nzero-shot top-1 accuracy on the held-out split: {metrics.get('acc1', float('nan')):.2%}")
     if training_args.push_to_hub:
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         trainer.save_model(training_args.output_dir)
     if trainer.is_world_process_zero():
-        print(f"model and processor saved to {summary['output_dir']}")
+        print(f"model and processor saved to {training_args.output_dir}")
     return summary
 
 

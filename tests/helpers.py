@@ -59,6 +59,47 @@ TWO_CPU_PROCESSES = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_p
                      "--mixed_precision", "no", "--dynamo_backend", "no"]
 
 
+def start_two_processes(script_and_args: list, log_path, cwd=None, env: dict | None = None) -> subprocess.Popen:
+    """Start `accelerate launch` with 2 CPU processes, its stdout and stderr going to `log_path`; returns at once
+    (see `launch_two_processes`; the caller waits with a timeout and calls `kill_tree` on failure)."""
+    env = {**(os.environ if env is None else env), "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, *TWO_CPU_PROCESSES, "--main_process_port", str(free_port()), *map(str, script_and_args)]
+    with open(log_path, "w") as log:  # a file, not a pipe: a long run's output never blocks it
+        return subprocess.Popen(command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+
+
+def rank_processes(launcher: subprocess.Popen) -> dict[int, psutil.Process]:
+    """The rank processes below an `accelerate launch` (by their RANK variable); empty until they have started."""
+    ranks = {}
+    for child in psutil.Process(launcher.pid).children(recursive=True):
+        try:
+            rank = child.environ().get("RANK")
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        try:
+            parent_rank = child.parent().environ().get("RANK")
+        except (psutil.NoSuchProcess, psutil.AccessDenied, AttributeError):
+            continue
+        if rank is not None and parent_rank is None:  # the top process of the rank, not one of its workers
+            ranks[int(rank)] = child
+    return ranks
+
+
+def kill_tree(launcher: subprocess.Popen) -> None:
+    """Kill the launcher and every process below it."""
+    try:
+        root = psutil.Process(launcher.pid)
+        tree = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:  # it ended in the meantime
+        tree = []
+    for member in tree:
+        try:
+            member.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(tree, timeout=30)
+
+
 def launch_two_processes(script_and_args: list, timeout: float, cwd=None, env: dict | None = None
                          ) -> subprocess.CompletedProcess:
     """Run `accelerate launch` with 2 CPU processes; a run that outlives `timeout` seconds FAILS the test.

@@ -71,10 +71,15 @@ def test_over_the_limit_raises_naming_the_shard(tmp_path, proc):
     write_parquet(tmp_path / "bad", shards=1, per_shard=20, bad=bad, id_offset=100, prefix="broken")
     spec = f"{tmp_path}/good/*.parquet,{tmp_path}/bad/*.parquet"
     with pytest.raises(DataQualityError) as error:
-        list(loader_for(proc, spec, batch_size=2, num_workers=1, max_bad_fraction=0.05, bad_check_min_samples=30))
+        list(loader_for(proc, spec, batch_size=2, num_workers=1, max_bad_fraction=0.01, bad_check_min_samples=30))
     message = str(error.value)
-    assert "broken-00000-of-00001.parquet" in message and "image_undecodable=" in message
-    assert "over max_bad_fraction=5.00%" in message
+    # Judged at the first batch after 30 samples (20 good, then 3 of 11 bad): the 99.5% lower bound of 3/31 is
+    # 2.48%, over 1%.
+    assert "3 of 31 samples (9.68%) read by rank 0 were bad, over max_bad_fraction=1.00% (99.5% lower bound 2.48%)" in message
+    assert "broken-00000-of-00001.parquet (3)" in message and "image_undecodable=3" in message
+    # 5% is within the 99.5% bound of 5/40 (lower bound 3.6%): the run goes on.
+    assert len(collect_ids(loader_for(proc, spec, batch_size=2, max_bad_fraction=0.05,
+                                      bad_check_min_samples=30))) == 34
     # Within the limit (or before the minimum number of samples), the same data trains.
     assert len(collect_ids(loader_for(proc, spec, batch_size=2, max_bad_fraction=0.2))) == 34
     assert len(collect_ids(loader_for(proc, spec, batch_size=2, bad_check_min_samples=1000))) == 34
@@ -83,10 +88,12 @@ def test_over_the_limit_raises_naming_the_shard(tmp_path, proc):
 def test_one_early_bad_sample_does_not_abort(tmp_path, proc):
     write_parquet(tmp_path, shards=1, per_shard=40, bad={0: "image_undecodable"})
     spec = str(tmp_path / "*.parquet")
-    # 1 bad of 40 is 2.5%, under 3%: judged after 40 samples it trains; judged after 10 (10%) it stops.
-    assert len(collect_ids(loader_for(proc, spec, bad_check_min_samples=40, max_bad_fraction=0.03))) == 36
-    with pytest.raises(DataQualityError, match="1 of 10 samples"):
-        list(loader_for(proc, spec, bad_check_min_samples=10, max_bad_fraction=0.03))
+    # 1 bad of the first 13 (judged at the first batch after 10 samples) is 7.7%, over 3%, but its 99.5% lower bound
+    # (0.4%) is not: one unlucky early sample never stops a run. Every good sample is kept (39 = 9 batches of 4 + 3).
+    assert len(collect_ids(loader_for(proc, spec, bad_check_min_samples=10, max_bad_fraction=0.03))) == 36
+    # With max_bad_fraction=0 any bad sample stops the run, once the minimum number of samples is read.
+    with pytest.raises(DataQualityError, match=r"1 of 13 samples \(7.69%\) read by rank 0 were bad"):
+        list(loader_for(proc, spec, bad_check_min_samples=10, max_bad_fraction=0.0))
 
 
 @pytest.mark.parametrize("spec_kind", ["parquet", "webdataset"])

@@ -247,6 +247,21 @@ def test_unwritable_output_dir_is_refused(tmp_path):
         make_trainer("neuclip", blocker / "run", 2)
 
 
+def test_full_disk_is_refused_before_training(tmp_path, monkeypatch):
+    import neuclip_hf.trainer as trainer_module
+
+    trainer = make_trainer("clip", tmp_path / "run", 2, save_steps=1)
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(trainer_module.shutil, "disk_usage", lambda path: usage._replace(free=2**19))  # 0.5 MiB
+    needed = trainer.checkpoint_bytes()
+    params = sum(p.numel() for p in trainer.model.parameters())
+    assert needed >= 3 * 4 * params  # float32 weights and AdamW's two moments
+    with pytest.raises(ValueError, match=rf"--output_dir='.*run' has 0.5 MiB free, but one save of this model needs "
+                                         rf"about {needed / 2**20:.1f} MiB \(weights and optimizer state\)"):
+        trainer.train()
+    assert trainer.state.global_step == 0 and not list((tmp_path / "run").glob("checkpoint-*"))
+
+
 def test_checkpoint_rotation_keeps_complete_checkpoints(tmp_path):
     trainer = make_trainer("clip", tmp_path, 6, save_steps=2, save_total_limit=2)
     trainer.train()

@@ -16,15 +16,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import tarfile
+import zlib
 from pathlib import Path
 from typing import Callable
 
 import pyarrow.parquet as pq
 
 CACHE_VERSION = 1
+logger = logging.getLogger(__name__)
 # `<key>.<field>`: the key is the path up to the first dot of the file name (the webdataset convention).
 _WEBDATASET_MEMBER = re.compile(r"^((?:.*/|)[^.]+)\.([^/]*)$")
 
@@ -46,19 +49,24 @@ def count_tar_samples(path: str | os.PathLike) -> int:
     Hidden members (a name starting with `.` or `__`) and non-files are ignored, as `datasets` ignores them.
     """
     count, previous = 0, None
-    with tarfile.open(path, mode="r:*") as archive:
-        for member in archive:  # iterating reads the headers and seeks past the contents
-            name = os.path.basename(member.name)
-            if not member.isreg() or name.startswith((".", "__")):
-                continue
-            match = _WEBDATASET_MEMBER.match(member.name)
-            if match is None:
-                continue
-            key = match.group(1)
-            if key != previous:
-                count += 1
-                previous = key
-            archive.members = []  # keep memory flat on large shards
+    try:
+        with tarfile.open(path, mode="r:*") as archive:
+            for member in archive:  # iterating reads the headers and seeks past the contents
+                name = os.path.basename(member.name)
+                if not member.isreg() or name.startswith((".", "__")):
+                    continue
+                match = _WEBDATASET_MEMBER.match(member.name)
+                if match is None:
+                    continue
+                key = match.group(1)
+                if key != previous:
+                    count += 1
+                    previous = key
+                archive.members = []  # keep memory flat on large shards
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as error:
+        # A damaged shard: the samples before the damage are what training can read (it counts the damage).
+        logger.warning(f"{os.path.basename(path)} is damaged ({type(error).__name__}: {error}): counted the "
+                       f"{count} sample(s) before the damage")
     return count
 
 

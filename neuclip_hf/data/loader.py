@@ -34,7 +34,18 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from ..arguments import DataArguments
 from ..images import BadSampleError
 from .counting import count_from_metadata
-from .samples import BadSampleCounter, BatchEncoder, Columns, SampleDecoder, detect_columns, image_size_of
+from .samples import (
+    BadSampleCounter,
+    BatchEncoder,
+    Columns,
+    DataQualityError,
+    DataTotals,
+    SampleDecoder,
+    bad_data_message,
+    detect_columns,
+    image_size_of,
+    over_bad_limit,
+)
 from .sources import EVAL_SPLITS, SHARD_COLUMN, Source, open_source
 
 
@@ -49,6 +60,7 @@ class _QuietSingleExampleBuffer(logging.Filter):
 logging.getLogger("datasets.iterable_dataset").addFilter(_QuietSingleExampleBuffer())
 
 _END = object()  # end-of-iterator marker
+END_OF_PASS = "end_of_pass"  # key of the item a worker yields after its last batch of a pass (its last counts)
 DEFAULT_TEXT_LENGTH = 77  # OpenAI CLIP's context, when a tokenizer declares no usable model_max_length
 
 
@@ -84,8 +96,11 @@ class ImageTextStream(torch.utils.data.IterableDataset):
 
     Each worker iterates the `datasets` stream (which hands it its own shards), skips and counts bad samples,
     and yields complete batches; with `drop_last`, a worker's last partial batch is dropped (as a torch
-    DataLoader does per worker for iterable datasets). The state (`state_dict`) is the stream position after the
-    last yielded batch plus the cumulative bad-sample counts, so resuming neither repeats nor skips samples.
+    DataLoader does per worker for iterable datasets). Every batch carries the worker's `data_stats` since its
+    previous batch, and after its last batch of a pass the worker yields `{"end_of_pass": True, "data_stats": ...}`
+    with the rest (what it read after that batch, bad samples included); `StreamingDataLoader` consumes these items.
+    The state (`state_dict`) is the stream position after the last yielded item, so resuming neither repeats nor
+    skips samples.
 
     Args:
         dataset: The rank's streaming dataset (already split by node).
@@ -93,8 +108,8 @@ class ImageTextStream(torch.utils.data.IterableDataset):
         encoder: Decoded samples -> batch of tensors.
         batch_size: Samples per batch.
         drop_last: Drop each worker's final partial batch (training: equal batch sizes on every rank).
-        max_bad_fraction: Bad-sample limit.
-        bad_check_min_samples: Samples per worker before the limit is judged.
+        max_bad_fraction: Bad-sample limit (judged by `StreamingDataLoader` on the totals of all workers).
+        bad_check_min_samples: Samples read before the limit is judged.
         rank: This process's rank (for messages and the shuffle seed).
         shuffle_buffer: Examples held per worker by the shuffle buffer (0: none). When shuffling, `set_epoch` is
             passed on to `datasets`, whose stream must then shuffle the shard order (see `build_train_dataloader`).
@@ -123,8 +138,8 @@ class ImageTextStream(torch.utils.data.IterableDataset):
     def state_dict(self) -> dict:
         """Position after the last yielded batch (per worker when called in a worker) + cumulative counts."""
         if not self._iterating:
-            return self._pending_state or {"epoch": self.epoch, "stream": None, "counts": None}
-        return {"epoch": self.epoch, "stream": self.dataset.state_dict(), "counts": self._counter.state_dict()}
+            return self._pending_state or {"epoch": self.epoch, "stream": None}
+        return {"epoch": self.epoch, "stream": self.dataset.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self._pending_state = state
@@ -179,10 +194,8 @@ class ImageTextStream(torch.utils.data.IterableDataset):
         yield from buffer
 
     def __iter__(self):
-        counter = BadSampleCounter(self.max_bad_fraction, self.bad_check_min_samples, self._where())
+        counter = BadSampleCounter()
         state, self._pending_state = self._pending_state or {}, None
-        if state.get("counts") is not None:
-            counter.load_state_dict(state["counts"])
         self._counter, self._iterating = counter, True
         samples = []
         for example in self._examples(state.get("stream")):  # datasets resumes after the last consumed example
@@ -191,12 +204,13 @@ class ImageTextStream(torch.utils.data.IterableDataset):
             except BadSampleError as error:
                 counter.skipped(error, example.get(SHARD_COLUMN))
                 continue
-            counter.good()
+            counter.good(example.get(SHARD_COLUMN))
             if len(samples) == self.batch_size:
                 yield self._batch(samples, counter)
                 samples = []
         if samples and not self.drop_last:
             yield self._batch(samples, counter)
+        yield {END_OF_PASS: True, "data_stats": counter.take_delta()}  # the counts after the last batch
 
     def _batch(self, samples, counter: BadSampleCounter) -> dict:
         batch = self.encoder(samples)
@@ -212,10 +226,15 @@ def _keep_batch(batch):
 class StreamingDataLoader(StatefulDataLoader):
     """A `StatefulDataLoader` over an `ImageTextStream` (batches come whole from the workers).
 
-    `state_dict()` holds every worker's stream position, the epoch and the layout (rank, world size, workers,
-    batch size); `load_state_dict()` before the next `iter()` resumes exactly there, and refuses a state saved
-    with another layout (the positions are per rank and per worker). `set_epoch(e)` starts epoch `e` at the next
-    `iter()`.
+    `state_dict()` holds every worker's stream position, the epoch, the layout (rank, world size, workers,
+    batch size) and the data totals; `load_state_dict()` before the next `iter()` resumes exactly there, and
+    refuses a state saved with another layout (the positions are per rank and per worker). `set_epoch(e)` starts
+    epoch `e` at the next `iter()`.
+
+    Bad data: the workers' counts are added up in `totals` (a `DataTotals`, over the whole run, resumed with the
+    position); each batch's `data_stats` holds what the loader received since its previous batch (the workers'
+    end-of-pass counts included). While `enforce_bad_limit` is true the loader raises `DataQualityError` when the
+    totals are over the limit (`over_bad_limit`); the Trainer turns it off and judges the totals of every rank.
 
     Args:
         stream: The rank's batches.
@@ -231,6 +250,39 @@ class StreamingDataLoader(StatefulDataLoader):
                              prefetch_factor=prefetch_factor if num_workers > 0 else None, persistent_workers=False)
         self.stream = stream
         self.layout = dict(layout)
+        self.totals = DataTotals()
+        self.enforce_bad_limit = True
+        self.batches_this_pass = 0
+
+    def __iter__(self):
+        self.batches_this_pass = 0
+        unreported: dict = {}
+        for item in super().__iter__():
+            stats = item.get("data_stats") or {}
+            self.totals.add(stats)
+            for key, value in stats.items():  # data_stats since the previous batch (end-of-pass items included)
+                if isinstance(value, str):
+                    unreported[key] = value or unreported.get(key, "")
+                elif isinstance(value, dict):
+                    merged = unreported.setdefault(key, {})
+                    for name, count in value.items():
+                        merged[name] = merged.get(name, 0) + count
+                else:
+                    unreported[key] = unreported.get(key, 0) + value
+            self.check_bad_limit()
+            if item.get(END_OF_PASS):
+                continue
+            item["data_stats"], unreported = unreported, {}
+            self.batches_this_pass += 1
+            yield item
+
+    def check_bad_limit(self) -> None:
+        """Raise `DataQualityError` when `enforce_bad_limit` is on and this loader's totals are over the limit."""
+        stream = self.stream
+        if self.enforce_bad_limit and over_bad_limit(self.totals.read, self.totals.skipped, stream.max_bad_fraction,
+                                                     stream.bad_check_min_samples):
+            raise DataQualityError(bad_data_message(self.totals.read, self.totals.skipped, stream.max_bad_fraction,
+                                                    f"rank {self.layout['rank']}", self.totals.describe()))
 
     @property
     def epoch(self) -> int:
@@ -240,17 +292,20 @@ class StreamingDataLoader(StatefulDataLoader):
         self.stream.set_epoch(epoch)
 
     def state_dict(self) -> dict:
-        return {"epoch": self.stream.epoch, "layout": dict(self.layout), "loader": super().state_dict()}
+        return {"epoch": self.stream.epoch, "layout": dict(self.layout), "loader": super().state_dict(),
+                "totals": self.totals.state_dict()}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        if set(state_dict) != {"epoch", "layout", "loader"}:
+        if not {"epoch", "layout", "loader"} <= set(state_dict) <= {"epoch", "layout", "loader", "totals"}:
             raise ValueError(f"not a StreamingDataLoader state: keys {sorted(state_dict)}, "
-                             "expected ['epoch', 'layout', 'loader']")
+                             "expected ['epoch', 'layout', 'loader', 'totals']")
         if state_dict["layout"] != self.layout:
             raise ValueError(f"the data position was saved with {state_dict['layout']} but this loader has "
                              f"{self.layout}; resume with the same ranks, workers and batch size")
         self.stream.set_epoch(state_dict["epoch"])  # before the positions: datasets ignores a state of another epoch
         super().load_state_dict(state_dict["loader"])
+        if "totals" in state_dict:
+            self.totals.load_state_dict(state_dict["totals"])
 
 
 def _prepare(args: DataArguments, spec: str | None, split: str | tuple[str, ...], keep_columns=()

@@ -1,8 +1,10 @@
 """From a raw streamed example to model inputs: column detection, decoding, sample ids, augmentation, batching.
 
-Everything here runs inside DataLoader workers. Decoding goes through `images.load_image` / `images.load_caption`
-(the single place that knows what a bad image or caption is); a bad sample raises `BadSampleError` and is skipped
-and counted by `BadSampleCounter`, which also enforces the bad-fraction limit.
+Decoding runs inside DataLoader workers and goes through `images.load_image` / `images.load_caption` (the single
+place that knows what a bad image or caption is); a bad sample raises `BadSampleError` and is skipped and counted by
+the worker's `BadSampleCounter`. The counts travel with the batches (`data_stats`) and are added up in the main
+process (`DataTotals`), where the bad-fraction limit is judged on the totals (`over_bad_limit`): those of the
+rank's loader, and in training those of every rank (`NeuCLIPTrainer`).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from datasets import Features, Image as ImageFeature
 from PIL import Image
 
 from ..images import BAD_SAMPLE_REASONS, BadSampleError, load_caption, load_image, load_json_caption
-from .sources import SHARD_COLUMN
+from .sources import SHARD_COLUMN, SHARD_ERROR_COLUMN, WEBDATASET_CAPTION_FIELDS, WEBDATASET_IMAGE_FIELDS
 
 IMAGE_COLUMNS = ("image", "jpg", "jpeg", "png", "webp", "img", "image_bytes", "image_path", "file_name", "filename",
                  "file", "path")
@@ -29,8 +31,11 @@ JSON_CAPTION_KEYS = ("caption", "text", "txt", "title", "description", "alt")
 ID_COLUMNS = ("sample_id", "id", "uid", "key", "image_id", "__key__")
 LABEL_COLUMNS = ("label", "labels", "cls")  # evaluation only: integer class labels (webdataset `.cls` members)
 CLASS_NAME_COLUMNS = ("class_name", "classname")  # evaluation only: the name of each row's class
-WEBDATASET_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+WEBDATASET_IMAGE_EXTENSIONS = WEBDATASET_IMAGE_FIELDS
 MAX_INT64 = 2**63 - 1
+# z of the one-sided bound of the bad fraction (99.5%): the limit stops a run only when the bad fraction is over it
+# with this confidence, so an unlucky start on data that is within the limit never stops it.
+BAD_FRACTION_CONFIDENCE_Z = 2.576
 
 
 class DataQualityError(RuntimeError):
@@ -49,6 +54,10 @@ class Columns:
         keep: Extra columns copied into the batch (e.g. `label` for zero-shot evaluation).
         label: Class-label column (evaluation), or None.
         class_name: Class-name column (evaluation), or None.
+        image_fallbacks: Other webdataset image fields (`png` when `image` is `jpg`, ...), read in order when a
+            sample has no `image`: a shard may mix extensions sample by sample.
+        caption_fallbacks: The other webdataset caption field (`json` when `caption` is `txt`, or the reverse).
+        shard_error: The column that marks the unreadable rest of a damaged tar (webdataset), or None.
     """
 
     image: str
@@ -58,12 +67,22 @@ class Columns:
     keep: tuple[str, ...] = ()
     label: str | None = None
     class_name: str | None = None
+    image_fallbacks: tuple[str, ...] = ()
+    caption_fallbacks: tuple[str, ...] = ()
+    shard_error: str | None = None
 
     @property
     def needed(self) -> list[str]:
         """The columns to read, in order, without duplicates."""
-        optional = [name for name in (self.caption, self.id, self.label, self.class_name) if name]
-        return list(dict.fromkeys([self.image, *optional, *self.keep, SHARD_COLUMN]))
+        optional = [name for name in (self.caption, self.id, self.label, self.class_name, self.shard_error) if name]
+        return list(dict.fromkeys([self.image, *self.image_fallbacks, *optional, *self.caption_fallbacks,
+                                   *self.keep, SHARD_COLUMN]))
+
+    def caption_keys_for(self, column: str) -> tuple[str, ...] | None:
+        """The keys to read inside `column` when it is a JSON caption column, else None."""
+        if column == self.caption:
+            return self.json_caption_keys
+        return JSON_CAPTION_KEYS if column.lower().rsplit(".", 1)[-1] == "json" else None
 
     @property
     def json_caption_keys(self) -> tuple[str, ...] | None:
@@ -104,7 +123,7 @@ def detect_columns(
         ValueError: a named column that does not exist, or nothing that looks like an image (or, for training, a
             caption); the message lists the available columns.
     """
-    available = [name for name in column_names if name != SHARD_COLUMN]
+    available = [name for name in column_names if name not in (SHARD_COLUMN, SHARD_ERROR_COLUMN)]
 
     def missing(kind: str, name: str | None = None) -> ValueError:
         what = f"{kind} column {name!r} not found" if name else f"no {kind} column detected"
@@ -139,7 +158,22 @@ def detect_columns(
             raise missing("label", label_column)
         label = label_column or _pick(available, LABEL_COLUMNS)
         class_name = _pick(available, CLASS_NAME_COLUMNS)
-    return Columns(image, caption, caption_key, sample_id, tuple(keep_columns), label, class_name)
+    image_fallbacks = caption_fallbacks = ()
+    if image_column is None:  # a detected webdataset image field: the other image extensions stand in for it
+        image_fallbacks = _same_family(image, available, WEBDATASET_IMAGE_FIELDS)
+    if caption_column is None and caption is not None:
+        caption_fallbacks = _same_family(caption, available, WEBDATASET_CAPTION_FIELDS)
+    shard_error = SHARD_ERROR_COLUMN if SHARD_ERROR_COLUMN in column_names else None
+    return Columns(image, caption, caption_key, sample_id, tuple(keep_columns), label, class_name, image_fallbacks,
+                   caption_fallbacks, shard_error)
+
+
+def _same_family(column: str, available: Sequence[str], family: Sequence[str]) -> tuple[str, ...]:
+    """The other fields of `available` whose extension is in `family` (in `family`'s order), when `column` is one."""
+    if column.lower().rsplit(".", 1)[-1] not in family:
+        return ()
+    others = [name for name in available if name != column and name.lower().rsplit(".", 1)[-1] in family]
+    return tuple(sorted(others, key=lambda name: family.index(name.lower().rsplit(".", 1)[-1])))
 
 
 def hash_id(data: bytes) -> int:
@@ -276,18 +310,31 @@ class SampleDecoder:
         """The stable id: the id column / webdataset key, else a hash of the raw image and caption."""
         if self.columns.id is not None and example.get(self.columns.id) is not None:
             return stable_sample_id(example[self.columns.id])
-        image, caption = example.get(self.columns.image), example.get(self.columns.caption)
+        image = self.raw_image(example)
+        caption = example.get(self.columns.caption) if self.columns.caption else None
         return hash_id(_content_bytes(image) + b"\0" + _content_bytes(caption))
 
-    def caption(self, value, rng_for) -> str:
-        """The caption text from a string / bytes / JSON / list value (raises `BadSampleError`)."""
-        return read_caption(value, self.json_caption_keys, rng_for if self.training else None)
+    def raw_image(self, example: dict):
+        """The sample's image value: its image column, else the first image fallback it has (None: none)."""
+        for name in (self.columns.image, *self.columns.image_fallbacks):
+            if example.get(name) is not None:
+                return example[name]
+        return None
+
+    def caption(self, example: dict, rng_for) -> str:
+        """The caption text of the first caption column the sample has (raises `BadSampleError`)."""
+        columns = (self.columns.caption, *self.columns.caption_fallbacks) if self.columns.caption else ()
+        column = next((name for name in columns if example.get(name) is not None), self.columns.caption)
+        keys = self.json_caption_keys if column == self.columns.caption else self.columns.caption_keys_for(column)
+        return read_caption(example.get(column) if column else None, keys, rng_for if self.training else None)
 
     def image_value(self, value, shard: str | None):
         """Resolve relative image paths of captions-file sources against the shard's directory."""
         return resolve_image_path(value, shard) if self.paths_relative_to_shard else value
 
     def __call__(self, example: dict, epoch: int) -> DecodedSample:
+        if self.columns.shard_error and example.get(self.columns.shard_error):
+            raise BadSampleError("shard_truncated", example[self.columns.shard_error])
         sample_id = self.sample_id(example)
         rng = None
 
@@ -297,8 +344,8 @@ class SampleDecoder:
                 rng = np.random.default_rng((self.seed & MAX_INT64, epoch, sample_id & (2**64 - 1)))
             return rng
 
-        caption = self.caption(example.get(self.columns.caption), rng_for)
-        value = self.image_value(example.get(self.columns.image), example.get(SHARD_COLUMN))
+        caption = self.caption(example, rng_for)
+        value = self.image_value(self.raw_image(example), example.get(SHARD_COLUMN))
         image = load_image(value, min_side=self.min_side, max_pixels=self.max_pixels, draft_size=self.draft_size)
         if self.augment:
             box = random_resized_crop_box(*image.size, rng_for(), scale=self.augment_scale)
@@ -350,84 +397,133 @@ def image_size_of(image_processor) -> int:
 
 
 class BadSampleCounter:
-    """Samples read and skipped per reason, in total (for the limit) and since the last batch (`data_stats`).
+    """One DataLoader worker's samples read and skipped (per reason and per shard) since its last batch.
 
-    Args:
-        max_bad_fraction: Above this fraction of bad samples, raise `DataQualityError`.
-        min_samples: Judge the fraction only after this many samples (one early bad sample must not abort).
-        where: Who reads (e.g. "rank 0, worker 1"), for the error message.
+    `take_delta()` returns them as the batch's `data_stats` and starts over; the totals are kept by the loader in the
+    main process (`DataTotals`), which judges the limit.
     """
 
-    def __init__(self, max_bad_fraction: float, min_samples: int, where: str = ""):
-        self.max_bad_fraction, self.min_samples, self.where = max_bad_fraction, min_samples, where
-        self.read, self.bad, self.bad_by_shard = 0, Counter(), Counter()
-        self.last_shard = self.last_reason = self.last_detail = ""
-        self._delta_read, self._delta_bad = 0, Counter()
-        self._delta_last_shard = self._delta_last_reason = ""
+    def __init__(self):
+        self._reset()
 
-    def good(self) -> None:
+    def _reset(self) -> None:
+        self.read, self.bad = 0, Counter()
+        self.read_by_shard, self.bad_by_shard = Counter(), Counter()
+        self.last_shard = self.last_reason = self.last_detail = ""
+
+    def good(self, shard: str | None) -> None:
         self.read += 1
-        self._delta_read += 1
-        if self.read == self.min_samples:  # the fraction may already be over the limit when judging starts
-            self.check()
+        self.read_by_shard[shard or "<unknown shard>"] += 1
 
     def skipped(self, error: BadSampleError, shard: str | None) -> None:
         shard = shard or "<unknown shard>"
         self.read += 1
-        self._delta_read += 1
+        self.read_by_shard[shard] += 1
         self.bad[error.reason] += 1
-        self._delta_bad[error.reason] += 1
         self.bad_by_shard[shard] += 1
         self.last_shard, self.last_reason, self.last_detail = shard, error.reason, str(error)
-        self._delta_last_shard, self._delta_last_reason = shard, error.reason
-        self.check()
-
-    def check(self) -> None:
-        """Raise `DataQualityError` when enough samples were read and the bad fraction is over the limit."""
-        total_bad = sum(self.bad.values())
-        if self.read < self.min_samples or total_bad <= self.max_bad_fraction * self.read:
-            return
-        worst, worst_count = self.bad_by_shard.most_common(1)[0]
-        reasons = ", ".join(f"{reason}={n}" for reason, n in self.bad.most_common())
-        raise DataQualityError(
-            f"{total_bad} of {self.read} samples ({total_bad / self.read:.2%}) read by {self.where or 'the loader'} "
-            f"were bad, over max_bad_fraction={self.max_bad_fraction:.2%} ({reasons}). Most bad samples in shard "
-            f"{worst} ({worst_count}); last bad sample in shard {self.last_shard} ({self.last_detail}). "
-            "Repair or remove the shard, or raise --max_bad_fraction."
-        )
 
     def take_delta(self) -> dict:
-        """`data_stats` since the previous call: int counters plus the shard and reason of the last bad sample."""
-        stats = {"samples_read": self._delta_read, "samples_skipped": sum(self._delta_bad.values())}
-        stats.update({f"skipped_{reason}": self._delta_bad[reason] for reason in BAD_SAMPLE_REASONS})
-        stats["last_bad_shard"], stats["last_bad_reason"] = self._delta_last_shard, self._delta_last_reason
-        self._delta_read, self._delta_bad = 0, Counter()
-        self._delta_last_shard = self._delta_last_reason = ""
+        """`data_stats` since the previous call: int counters, per-shard counts and the last bad sample."""
+        stats = {"samples_read": self.read, "samples_skipped": sum(self.bad.values())}
+        stats.update({f"skipped_{reason}": self.bad[reason] for reason in BAD_SAMPLE_REASONS})
+        stats["read_by_shard"], stats["bad_by_shard"] = dict(self.read_by_shard), dict(self.bad_by_shard)
+        stats["last_bad_shard"], stats["last_bad_reason"] = self.last_shard, self.last_reason
+        stats["last_bad_detail"] = self.last_detail
+        self._reset()
         return stats
 
+
+def wilson_lower_bound(bad: float, read: float, z: float = BAD_FRACTION_CONFIDENCE_Z) -> float:
+    """Lower end of the Wilson score interval of a fraction `bad / read` (0 when nothing was read)."""
+    if read <= 0:
+        return 0.0
+    p = bad / read
+    centre = p + z * z / (2 * read)
+    spread = z * math.sqrt(p * (1 - p) / read + z * z / (4 * read * read))
+    return max(0.0, (centre - spread) / (1 + z * z / read))
+
+
+def over_bad_limit(read: float, bad: float, max_bad_fraction: float, min_samples: int) -> bool:
+    """Whether a run must stop for bad data: at least `min_samples` read, and the bad fraction over the limit with
+    99.5% confidence (the Wilson lower bound above `max_bad_fraction`; any bad sample when the limit is 0)."""
+    if read < min_samples or bad <= max_bad_fraction * read or max_bad_fraction >= 1.0:
+        return False
+    return wilson_lower_bound(bad, read) > max_bad_fraction
+
+
+def _shard_list(counts: Counter, limit: int = 5) -> str:
+    names = ", ".join(f"{os.path.basename(shard) or shard} ({n})" for shard, n in counts.most_common(limit))
+    return names + (f" and {len(counts) - limit} more" if len(counts) > limit else "")
+
+
+@dataclass
+class DataTotals:
+    """What a loader has read since the run started: samples read and skipped per reason, per shard, the last bad
+    sample. Kept in the main process from the batches' `data_stats` and saved with the data position."""
+
+    read: int = 0
+    bad: Counter = field(default_factory=Counter)
+    read_by_shard: Counter = field(default_factory=Counter)
+    bad_by_shard: Counter = field(default_factory=Counter)
+    last_bad: str = ""
+
+    @property
+    def skipped(self) -> int:
+        return sum(self.bad.values())
+
+    def add(self, stats: dict) -> None:
+        """Fold one `data_stats` in."""
+        self.read += int(stats.get("samples_read", 0))
+        for reason in BAD_SAMPLE_REASONS:
+            if stats.get(f"skipped_{reason}"):
+                self.bad[reason] += int(stats[f"skipped_{reason}"])
+        self.read_by_shard.update(stats.get("read_by_shard") or {})
+        self.bad_by_shard.update(stats.get("bad_by_shard") or {})
+        if stats.get("last_bad_shard"):
+            self.last_bad = f"{stats['last_bad_shard']} ({stats.get('last_bad_detail') or stats['last_bad_reason']})"
+
+    def describe(self) -> str:
+        """One line: read, from which shards, skipped per reason and where."""
+        if self.read == 0:
+            return "no sample was read"
+        text = f"{self.read} sample(s) read from {len(self.read_by_shard)} shard(s) [{_shard_list(self.read_by_shard)}]"
+        if not self.skipped:
+            return text + ", none skipped"
+        reasons = ", ".join(f"{reason}={n}" for reason, n in self.bad.most_common())
+        return (f"{text}, {self.skipped} skipped ({reasons}); bad samples per shard: "
+                f"[{_shard_list(self.bad_by_shard)}]; last bad sample in {self.last_bad}")
+
     def state_dict(self) -> dict:
-        """Cumulative counts (restored on resume, so the limit keeps judging the whole run)."""
-        return {"read": self.read, "bad": dict(self.bad), "bad_by_shard": dict(self.bad_by_shard),
-                "last": [self.last_shard, self.last_reason, self.last_detail]}
+        return {"read": self.read, "bad": dict(self.bad), "read_by_shard": dict(self.read_by_shard),
+                "bad_by_shard": dict(self.bad_by_shard), "last_bad": self.last_bad}
 
     def load_state_dict(self, state: dict) -> None:
-        self.read = int(state["read"])
-        self.bad, self.bad_by_shard = Counter(state["bad"]), Counter(state["bad_by_shard"])
-        self.last_shard, self.last_reason, self.last_detail = state["last"]
+        self.read, self.bad = int(state["read"]), Counter(state["bad"])
+        self.read_by_shard, self.bad_by_shard = Counter(state["read_by_shard"]), Counter(state["bad_by_shard"])
+        self.last_bad = state["last_bad"]
+
+
+def bad_data_message(read: float, bad: float, max_bad_fraction: float, where: str, details: str) -> str:
+    """The `DataQualityError` message: the totals, the limit, what was read and skipped, and what to do."""
+    return (f"{int(bad)} of {int(read)} samples ({bad / max(read, 1):.2%}) read by {where} were bad, over "
+            f"max_bad_fraction={max_bad_fraction:.2%} (99.5% lower bound {wilson_lower_bound(bad, read):.2%}). "
+            f"{details}. Repair or remove the shard, or raise --max_bad_fraction.")
 
 
 def accumulate_data_stats(total: dict, stats: dict) -> dict:
-    """Add one batch's `data_stats` into `total` (ints are summed, the last non-empty strings kept); returns it.
-
-    For loops over `build_train_dataloader` outside the Trainer (NeuCLIPTrainer folds the same counts into a
-    tensor that it all-reduces across ranks).
-    """
+    """Add one batch's `data_stats` into `total` (ints and per-shard counts are summed, the last non-empty strings
+    kept); returns it. For loops over a loader outside the Trainer."""
     for key, value in stats.items():
         if isinstance(value, str):
             if value:
                 total[key] = value
             else:
                 total.setdefault(key, "")
+        elif isinstance(value, dict):
+            merged = total.setdefault(key, {})
+            for name, count in value.items():
+                merged[name] = merged.get(name, 0) + int(count)
         else:
             total[key] = total.get(key, 0) + int(value)
     return total

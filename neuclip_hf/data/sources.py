@@ -28,6 +28,8 @@ import glob
 import inspect
 import json
 import os
+import tarfile
+import zlib
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -46,6 +48,13 @@ from datasets.packaged_modules.webdataset.webdataset import IMAGE_EXTENSIONS, We
 from ..default_data import default_data_files
 
 SHARD_COLUMN = "__shard__"
+SHARD_ERROR_COLUMN = "__shard_error__"  # set on the one example that stands for the unreadable rest of a tar
+# What reading a damaged tar raises: a truncated or corrupt archive (tarfile), a compressed stream that ends early
+# (EOFError, zlib / gzip errors) or a duplicated member (ValueError from the webdataset grouping).
+DAMAGED_TAR_ERRORS = (tarfile.TarError, EOFError, zlib.error, OSError, ValueError)
+# Members of a webdataset sample that may hold its image / caption: a shard may mix them sample by sample.
+WEBDATASET_IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp")
+WEBDATASET_CAPTION_FIELDS = ("txt", "json")
 FILE_FORMATS = {  # file name ending -> `datasets` packaged builder
     ".tar": "webdataset", ".tar.gz": "webdataset", ".tgz": "webdataset",
     ".parquet": "parquet", ".arrow": "arrow",
@@ -334,34 +343,59 @@ class RawWebDataset(WebDataset):
         return super()._split_generators(dl_manager)
 
     def _infer_features(self, dl_manager) -> Features:
-        """Union of the fields of the first samples of the first tar, image fields as undecoded images."""
+        """Union of the fields of the first samples of the first tar, image fields as undecoded images.
+
+        When one image extension (`jpg`, `jpeg`, `png`, `webp`) is seen, all four are declared, and both `txt` and
+        `json` when one of them is: a shard may mix them sample by sample (img2dataset output does), and a field
+        that is not declared would be dropped from every later sample.
+        """
         data_files = dl_manager.download(self.config.data_files)
         first_tar = next(iter(data_files.values()))[0]
         samples = islice(self._get_pipeline_from_tar(first_tar, dl_manager.iter_archive(first_tar)),
                          self.NUM_EXAMPLES_FOR_FEATURES_INFERENCE)
-        fields = dict.fromkeys(name for sample in samples for name in sample if not name.startswith("__"))
+        fields: dict = {}
+        try:
+            for sample in samples:
+                fields.update(dict.fromkeys(name for name in sample if not name.startswith("__")))
+        except DAMAGED_TAR_ERRORS:
+            pass  # a damaged first tar: the fields of the samples before the damage (the reader counts the damage)
         if not fields:
             raise ValueError(f"no webdataset sample found in {first_tar} (expected files named <key>.<field>)")
+        for family in (WEBDATASET_IMAGE_FIELDS, WEBDATASET_CAPTION_FIELDS):
+            if any(name in fields for name in family):
+                fields.update(dict.fromkeys(family))
         features = Features({
             name: Image(decode=False) if name.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS else Value("binary")
             for name in fields
         })
         features["__key__"] = Value("string")
         features[SHARD_COLUMN] = Value("string")
+        features[SHARD_ERROR_COLUMN] = Value("string")
         return features
 
     def _generate_examples(self, tar_paths, tar_iterators):
-        fields = [name for name in self.info.features if name not in ("__key__", SHARD_COLUMN)]
+        special = ("__key__", SHARD_COLUMN, SHARD_ERROR_COLUMN)
+        fields = [name for name in self.info.features if name not in special]
         image_fields = {name for name in fields if isinstance(self.info.features[name], Image)}
         for tar_index, (tar_path, tar_iterator) in enumerate(zip(tar_paths, tar_iterators, strict=True)):
-            for sample_index, sample in enumerate(self._get_pipeline_from_tar(tar_path, tar_iterator)):
-                example = {"__key__": sample["__key__"], SHARD_COLUMN: str(tar_path)}
-                for name in fields:  # fields unseen during inference are dropped; missing ones are None
-                    value = sample.get(name)
-                    if name in image_fields and value is not None:
-                        value = {"path": f"{sample['__key__']}.{name}", "bytes": value}
-                    example[name] = value
-                yield Key(tar_index, sample_index), example
+            sample_index = -1
+            try:
+                for sample_index, sample in enumerate(self._get_pipeline_from_tar(tar_path, tar_iterator)):
+                    example = {"__key__": sample["__key__"], SHARD_COLUMN: str(tar_path), SHARD_ERROR_COLUMN: None}
+                    for name in fields:  # fields unseen during inference are dropped; missing ones are None
+                        value = sample.get(name)
+                        if name in image_fields and value is not None:
+                            value = {"path": f"{sample['__key__']}.{name}", "bytes": value}
+                        example[name] = value
+                    yield Key(tar_index, sample_index), example
+            except DAMAGED_TAR_ERRORS as error:
+                # The samples before the damage were yielded; one example stands for the rest of the tar, which the
+                # sample decoder counts as `shard_truncated` (a crash of the DataLoader worker otherwise).
+                damaged = {name: None for name in fields}
+                damaged.update({"__key__": None, SHARD_COLUMN: str(tar_path),
+                                SHARD_ERROR_COLUMN: f"{type(error).__name__}: {error} after {sample_index + 1} "
+                                                    "sample(s); the rest of the shard is skipped"})
+                yield Key(tar_index, sample_index + 1), damaged
 
 
 _SHARD_NAMED = {Parquet: ShardNamedParquet, Json: ShardNamedJson, Csv: ShardNamedCsv, Arrow: ShardNamedArrow,
