@@ -27,6 +27,7 @@ import fnmatch
 import json
 import os
 import re
+import socket
 import struct
 import tempfile
 import time
@@ -218,6 +219,15 @@ def upload_files(folder: str | os.PathLike, include_tensorboard: bool = False) -
     return chosen
 
 
+def public_path_in_repo(name: str) -> str:
+    """Where a file of the pushed folder goes in the repository: its own relative path, except that TensorBoard's
+    event files, whose names carry this machine's host name (`events.out.tfevents.<time>.<host>.<pid>.<n>`, in
+    `runs/<time>_<host>/` by transformers' default), get `host` in its place."""
+    if not name.startswith("runs/"):
+        return name
+    return name.replace(socket.gethostname(), "host")
+
+
 def _safetensors_header(path: Path) -> bytes:
     """The JSON header of a safetensors file (names, shapes, metadata), without reading the tensors."""
     with open(path, "rb") as f:
@@ -287,8 +297,8 @@ def upload_folder(folder: str | os.PathLike, repo_id: str, *, token: str | None 
 
     def commit():
         # Fresh operations on every attempt: create_commit mutates them.
-        operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(Path(folder) / name))
-                      for name in names]
+        operations = [CommitOperationAdd(path_in_repo=public_path_in_repo(name),
+                                         path_or_fileobj=str(Path(folder) / name)) for name in names]
         return api.create_commit(repo_id, operations, commit_message=commit_message, token=token, revision=revision)
 
     info = call_with_retry(commit, f"upload of {len(names)} files", repo_id, retry, folder, secret)

@@ -51,7 +51,7 @@ from .images import BAD_SAMPLE_REASONS
 from .lora import check_lora_model, keep_normalizer_trainable
 from .modeling_neuclip import is_peft_model, unwrap_model
 from .normalizers import Normalizer, find_normalizer
-from .trainer_hub import HubPushMixin
+from .trainer_hub import HubPushMixin, use_public_tensorboard
 
 logger = logging.get_logger(__name__)
 
@@ -257,6 +257,7 @@ class NeuCLIPTrainer(HubPushMixin, Trainer):
         self._reset_metric_accumulators()
         self.add_callback(_AfterOptimizerStep(self))
         self.add_callback(_StopOnSignal(self))
+        use_public_tensorboard(self)  # TensorBoard's args text and run folder without local paths or host name
 
     @staticmethod
     def _check_output_dir(output_dir: str) -> None:

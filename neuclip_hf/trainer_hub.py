@@ -20,9 +20,11 @@ the end), with these differences:
 from __future__ import annotations
 
 import os
+from datetime import datetime
 from pathlib import Path
 
 from huggingface_hub import get_token
+from transformers.integrations import TensorBoardCallback
 from transformers.utils import logging
 from transformers.utils.hub import PushInProgress, hf_api
 
@@ -33,6 +35,36 @@ from .lora import lora_summary
 from .model_card import DEFAULT_LICENSE, TrainingSummary, build_model_card, public_text
 
 logger = logging.get_logger(__name__)
+
+
+class _PublicArguments:
+    """Training arguments as TensorBoard's `args` text shows them: local absolute paths cut to their last part."""
+
+    def __init__(self, args):
+        self._args = args
+
+    def __getattr__(self, name):
+        return getattr(self._args, name)
+
+    def to_json_string(self) -> str:
+        return public_text(self._args.to_json_string())
+
+
+class PublicTensorBoardCallback(TensorBoardCallback):
+    """transformers' `TensorBoardCallback`, writing what `--hub_push_tensorboard` may push: the `args` text without
+    local absolute paths (`public_text`) and the run folder named `runs/<time>` without the host name."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.logging_dir is None and state.is_world_process_zero and not state.is_hyper_param_search:
+            self.logging_dir = os.path.join(args.output_dir, "runs", datetime.now().strftime("%b%d_%H-%M-%S"))
+        super().on_train_begin(_PublicArguments(args), state, control, **kwargs)
+
+
+def use_public_tensorboard(trainer) -> None:
+    """Swap the Trainer's `TensorBoardCallback` (added by `report_to`) for `PublicTensorBoardCallback`."""
+    if any(type(callback) is TensorBoardCallback for callback in trainer.callback_handler.callbacks):
+        trainer.remove_callback(TensorBoardCallback)
+        trainer.add_callback(PublicTensorBoardCallback)
 
 # Files a background push copies from the checkpoint into output_dir before uploading it (the normalizer files exist
 # only for LoRA runs; the model code files are rewritten by save_pretrained and copied too).

@@ -75,7 +75,8 @@ def test_over_the_limit_raises_naming_the_shard(tmp_path, proc):
     message = str(error.value)
     # Judged at the first batch after 30 samples (20 good, then 3 of 11 bad): the 99.5% lower bound of 3/31 is
     # 2.48%, over 1%.
-    assert "3 of 31 samples (9.68%) read by rank 0 were bad, over max_bad_fraction=1.00% (99.5% lower bound 2.48%)" in message
+    assert ("3 of 31 samples (9.68%) read by rank 0 were bad, over max_bad_fraction=1.00% (99.5% lower bound 2.48%)"
+            in message)
     assert "broken-00000-of-00001.parquet (3)" in message and "image_undecodable=3" in message
     # 5% is within the 99.5% bound of 5/40 (lower bound 3.6%): the run goes on.
     assert len(collect_ids(loader_for(proc, spec, batch_size=2, max_bad_fraction=0.05,

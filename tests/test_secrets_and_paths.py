@@ -3,6 +3,7 @@ TensorBoard events, logs, the card or the Hub; nothing pushed names a local abso
 
 import getpass
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -81,7 +82,8 @@ def test_a_pushed_recipe_run_writes_no_token_and_pushes_no_local_path(fake_hub, 
             "--save_steps", "2", "--per_device_train_batch_size", "32", "--eval_max_samples", "64",
             "--zero_shot_eval_steps", "2", "--logging_steps", "1", "--report_to", "tensorboard",
             "--train_data", ",".join(train_files), "--disable_tqdm", "true", "--push_to_hub",
-            "--hub_model_id", "user/secret-check", "--hub_strategy", "every_save", "--hub_token", TOKEN]
+            "--hub_model_id", "user/secret-check", "--hub_strategy", "every_save", "--hub_token", TOKEN,
+            "--hub_push_tensorboard", "true"]
     env = hub_env(fake_hub, tmp_path / "hf_home", token=None)
     done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, env=env,
                           cwd=tmp_path, timeout=600)
@@ -93,8 +95,13 @@ def test_a_pushed_recipe_run_writes_no_token_and_pushes_no_local_path(fake_hub, 
     assert files_containing(out, TOKEN.encode()) == []
     pushed = fake_hub.files("user/secret-check")
     assert {"README.md", "config.json", "model.safetensors", "eval_results.json"} <= set(pushed)
+    assert any(name.startswith("runs/") and ".tfevents." in name for name in pushed)  # the curves went too
     local = {str(tmp_path), str(Path(train_files[0]).parent), os.path.expanduser("~"), f"/{getpass.getuser()}/"}
+    host = socket.gethostname()
     for name, content in pushed.items():
         assert TOKEN.encode() not in content, name
+        assert host not in name, name  # TensorBoard names its files and run folder after the host
         for text in local:
             assert text.encode() not in content, f"{name} holds {text!r}"
+    events = next(content for name, content in pushed.items() if ".tfevents." in name)
+    assert b"output_dir" in events and b'"run"' in events  # the args text is there, with the run folder's last part
