@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--label", required=True, help="name of this run in the results (e.g. before / after)")
     parser.add_argument("--quick", action="store_true", help="batches 8 and 256, 3 repeats")
     parser.add_argument("--out_dir", type=Path, default=RESULTS)
+    parser.add_argument("--readme", default=None, help="README to update (default benchmarks/README.md)")
     parser.add_argument("--batches", type=int, nargs="*", help="global batch sizes (default: 8 256 1024)")
     parser.add_argument("--repeats", type=int, help="timed updates per batch size in this run (default 5, quick 3)")
     args = parser.parse_args(argv)
@@ -79,12 +80,11 @@ def main(argv: list[str] | None = None) -> dict:
     path.parent.mkdir(parents=True, exist_ok=True)
     payload["settings"] = {"embed_dim": EMBED_DIM, "num_prototypes": PROTOTYPES, "inner_steps": INNER_STEPS}
     path.write_text(json.dumps(payload, indent=2) + "\n")
-    if not args.quick:
-        write_readme(payload)
+    write_readme(payload, args.readme)
     return payload
 
 
-def write_readme(payload: dict) -> None:
+def write_readme(payload: dict, readme: str | None = None) -> None:
     rows = []
     for label, run in payload["runs"].items():
         for batch, stats in run["batches"].items():
@@ -99,7 +99,7 @@ def write_readme(payload: dict) -> None:
         + markdown_table(["code", "global batch", "median ms", "IQR ms", "min-max ms", "runs"], rows)
         + "\n\nResults: `results/neuclip_update.json`."
     )
-    update_readme_section(NAME, body)
+    update_readme_section(NAME, body, readme)
 
 
 if __name__ == "__main__":

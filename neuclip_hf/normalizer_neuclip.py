@@ -190,7 +190,7 @@ class PrototypeNormalizer(NormalizerEstimator):
             # dL/dW_k = sum_i (dL/dcos_ik / |W_k|) e_i - (g_k . u_k) / |W_k|^2 W_k: one scaled copy of W, one GEMM.
             radial = cosine.mul_(grad_cosine).sum(dim=0).mul_(inverse_norm.square())
             torch.mul(prototypes, -radial[:, None], out=gradient)
-            gradient.addmm_(grad_cosine.mul_(inverse_norm).T, anchors)
+            torch.addmm(gradient, grad_cosine.mul_(inverse_norm).T, anchors, out=gradient)  # += (m, L) @ (L, d)
         inputs.sum_across_ranks_(flat)
         return value, gradients
 
