@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -75,6 +76,11 @@ class PrototypeNormalizer(NormalizerEstimator):
                                             "`benchmarks/`).", 0, low_open=True),
         "reset_optimizer_on_restart": bool_field(True, "Reset the AdaGrad accumulators when the prototypes are "
                                                        "re-seeded."),
+        "shard_update": bool_field(
+            True, "Across several processes, split each inner step's sum over anchors between the ranks and add the "
+                  "parts with one all-reduce of 2 m d floats (True), or run it on the whole global batch on every rank "
+                  "without communication (False: cheaper where the all-reduce is slow against the B m d GEMMs, e.g. "
+                  "small per-GPU batches across nodes; docs/scale.md). Both give the single-process result."),
     }
     count_diagnostics = ("nonfinite", "restart")
 
@@ -90,6 +96,7 @@ class PrototypeNormalizer(NormalizerEstimator):
         self.restart_source = settings.restart_source
         self.learning_rate = float(settings.learning_rate)
         self.reset_optimizer_on_restart = settings.reset_optimizer_on_restart
+        self.shard_update = bool(settings.shard_update)
         self.text_prototypes = nn.Parameter(torch.empty(m, dim))  # W1: stand in for the texts of image anchors
         self.image_prototypes = nn.Parameter(torch.empty(m, dim))  # W2: stand in for the images of text anchors
         self.register_buffer("num_updates", zero_counter())
@@ -232,6 +239,8 @@ class PrototypeNormalizer(NormalizerEstimator):
 
     @torch.no_grad()
     def update(self, inputs):
+        if inputs.sharded and not self.shard_update:
+            inputs = dataclasses.replace(inputs, sharded=False)  # every rank runs the whole batch
         with full_precision(inputs.image.device):
             step = int(self.num_updates)
             if self.restart_source == "bank":

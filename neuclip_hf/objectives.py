@@ -242,9 +242,10 @@ def _anchor_statistics(
     the whole batch: two (L, B) blocks of similarities, never B x B unless L = B."""
     positive_index = torch.arange(rows.start, rows.start + image.shape[0], device=image.device)
     positive = (image * text).sum(-1)
-    log_g_image, log_g_text = in_batch_log_normalizers(image @ all_text.T, text @ all_image.T, positive,
-                                                       positive_index, temperature, eps)
-    return positive, log_g_image, log_g_text
+    # One (L, B) block at a time, so the peak is one block and its temporaries, not both directions'.
+    log_g_image = log_mean_exp_negatives((image @ all_text.T - positive[:, None]) / temperature, positive_index)
+    log_g_text = log_mean_exp_negatives((text @ all_image.T - positive[:, None]) / temperature, positive_index)
+    return positive, log_eps_plus(log_g_image, eps), log_eps_plus(log_g_text, eps)
 
 
 def unified_loss(

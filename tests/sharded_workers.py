@@ -20,10 +20,14 @@ DIM = 16
 EPS = 1e-6
 
 
+VARIANTS = {"neuclip_replicated": ("neuclip", {"neuclip_shard_update": False})}  # the replicated NeuCLIP update
+
+
 def build_model(objective: str) -> NeuCLIPModel:
     torch.manual_seed(0)
+    objective, extra = VARIANTS.get(objective, (objective, {}))
     config = tiny_config(objective, fastclip_id_mode="map", amorlip_epoch_steps=1, amorlip_beta_ramp_epochs=2,
-                         neuclip_num_prototypes=8, neuclip_inner_steps=3, neuclip_restart_period=2)
+                         neuclip_num_prototypes=8, neuclip_inner_steps=3, neuclip_restart_period=2, **extra)
     return NeuCLIPModel(config)
 
 

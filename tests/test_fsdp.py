@@ -61,3 +61,18 @@ def test_averaging_replicated_gradients_is_a_no_op_without_sharding():
     model.logit_scale.grad = torch.tensor(3.0)
     average_replicated_gradients_(model)
     assert model.logit_scale.grad.item() == 3.0
+
+
+@pytest.mark.parametrize("how", ["argument", "accelerate_env"])
+def test_trainer_refuses_fsdp_with_a_clear_message(tmp_path, monkeypatch, how):
+    from neuclip_hf.trainer import FSDP_REFUSAL, NeuCLIPTrainer, NeuCLIPTrainingArguments
+
+    values = dict(output_dir=str(tmp_path), use_cpu=True, max_steps=1, report_to=[])
+    if how == "argument":
+        values["fsdp"] = True
+    else:  # what `accelerate launch --use_fsdp` exports
+        monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ValueError) as error:
+        NeuCLIPTrainer(model=NeuCLIPModel(tiny_config("neuclip")), args=NeuCLIPTrainingArguments(**values))
+    assert str(error.value) == FSDP_REFUSAL
+    assert "logit_scale" in FSDP_REFUSAL and "shard_encoders_fsdp2" in FSDP_REFUSAL

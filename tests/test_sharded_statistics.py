@@ -9,17 +9,18 @@ steps (restarts, an AmorLIP epoch boundary, FastCLIP's table) must equal the one
 import pytest
 import torch
 from helpers import OBJECTIVES, free_port, spawn_with_timeout, unit_vectors
-from sharded_workers import BATCH, EPS, run_objective, worker
+from sharded_workers import BATCH, EPS, VARIANTS, run_objective, worker
 
 from neuclip_hf.objectives import ContrastiveBatch, NormalizerInputs
 
 TIMEOUT = 300  # seconds per spawn; a 4-rank run takes ~20 s on 2 busy cores, so only a hang reaches it
 TOLERANCE = dict(atol=1e-6, rtol=1e-6)
+RUNS = (*OBJECTIVES, *VARIANTS)
 
 
 @pytest.fixture(scope="module")
 def reference():
-    return {objective: run_objective(objective) for objective in OBJECTIVES}
+    return {objective: run_objective(objective) for objective in RUNS}
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +28,7 @@ def runs(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("sharded")
     results = {}
     for world_size in (1, 2, 4):
-        spawn_with_timeout(worker, (world_size, free_port(), list(OBJECTIVES), str(out_dir)), world_size, TIMEOUT)
+        spawn_with_timeout(worker, (world_size, free_port(), list(RUNS), str(out_dir)), world_size, TIMEOUT)
         results[world_size] = [torch.load(out_dir / f"world{world_size}_rank{r}.pt", weights_only=True)
                                for r in range(world_size)]
     return results
@@ -35,7 +36,7 @@ def runs(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("world_size", (1, 2, 4))
-@pytest.mark.parametrize("objective", OBJECTIVES)
+@pytest.mark.parametrize("objective", RUNS)
 def test_ranks_equal_single_process_run(runs, reference, objective, world_size):
     expected = reference[objective]
     assert expected["world_size"] == 1
