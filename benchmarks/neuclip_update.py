@@ -95,7 +95,8 @@ def write_readme(payload: dict, readme: str | None = None) -> None:
         f"## {NAME}\n\n`OMP_NUM_THREADS=1 python benchmarks/neuclip_update.py --label <name>`. NeuCLIP's estimator update "
         f"alone (m = {PROTOTYPES}, T_u = {INNER_STEPS}, d = {EMBED_DIM}) on one thread, per training step; `before` is "
         "the update of commit 97643a0 (m x d normalisation, radial projection and single-tensor AdaGrad in every inner "
-        "step), `after` this branch's.\n\n"
+        "step), `after` this branch's. Labels ran in alternating rounds (3 x 5 updates each) on a machine shared with "
+        "other jobs (load 4-6 on 2 cores), hence the wide spreads; see `docs/scale.md` for what changed.\n\n"
         + markdown_table(["code", "global batch", "median ms", "IQR ms", "min-max ms", "runs"], rows)
         + "\n\nResults: `results/neuclip_update.json`."
     )

@@ -153,9 +153,9 @@ def fsdp_replicated_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Par
     - scalar parameters (CLIP's `logit_scale`, SigLIP's bias): FSDP2's `fully_shard` refuses 0-d tensors. They are
       trained with the encoders, so their gradients are averaged by `average_replicated_gradients_`.
     """
-    from .normalizer_base import Normalizer  # here: normalizer_base imports this module
-
-    whole = {id(p) for module in model.modules() if isinstance(module, Normalizer) for p in module.parameters()}
+    # A normalizer is the module with `estimator_parameters` (normalizer_base imports this module, not vice versa).
+    whole = {id(p) for module in model.modules() if callable(getattr(module, "estimator_parameters", None))
+             for p in module.parameters()}
     return {name: p for name, p in model.named_parameters() if id(p) in whole or p.ndim == 0}
 
 
