@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
         run["batches"][str(batch_size)] = {"seconds": times, **median_and_spread(times)}
         print(f"{args.label} batch {batch_size}: median {run['batches'][str(batch_size)]['median'] * 1e3:.1f} ms")
     path.parent.mkdir(parents=True, exist_ok=True)
+    payload["environment"] = run["environment"]  # of the latest run; each run keeps its own
     payload["settings"] = {"embed_dim": EMBED_DIM, "num_prototypes": PROTOTYPES, "inner_steps": INNER_STEPS}
     path.write_text(json.dumps(payload, indent=2) + "\n")
     write_readme(payload, args.readme)
