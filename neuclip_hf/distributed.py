@@ -92,6 +92,14 @@ def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum `tensor` over all ranks, in place (every rank gets the same result); identity in one process."""
+    if is_distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+@torch.no_grad()
 def broadcast_(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
     """Overwrite `tensor` in place with rank `src`'s value; identity in one process."""
     if is_distributed():
@@ -133,3 +141,72 @@ def max_abs_difference_across_ranks(tensor: torch.Tensor) -> float:
     diff = diff.float().reshape(1)
     dist.all_reduce(diff, op=dist.ReduceOp.MAX)
     return float(diff.item())
+
+
+# -- FSDP2 ---------------------------------------------------------------------------------------------------------
+def fsdp_replicated_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """The parameters FSDP must leave whole on every rank, by name.
+
+    - the normalizer's parameters: its `update` trains its own with its own optimizer, from statistics every rank
+      shares, summing the ranks' gradient parts itself (`NormalizerInputs.sum_across_ranks_`); the few it trains with
+      the encoders (SigLIP's bias) are averaged like the scalars below;
+    - scalar parameters (CLIP's `logit_scale`, SigLIP's bias): FSDP2's `fully_shard` refuses 0-d tensors. They are
+      trained with the encoders, so their gradients are averaged by `average_replicated_gradients_`.
+    """
+    # A normalizer is the module with `estimator_parameters` (normalizer_base imports this module, not vice versa).
+    whole = {id(p) for module in model.modules() if callable(getattr(module, "estimator_parameters", None))
+             for p in module.parameters()}
+    return {name: p for name, p in model.named_parameters() if id(p) in whole or p.ndim == 0}
+
+
+def shard_encoders_fsdp2(
+    model: torch.nn.Module,
+    layer_classes: tuple[type[torch.nn.Module], ...] | None = None,
+    **fully_shard_kwargs,
+) -> torch.nn.Module:
+    """Shard a (NeuCLIP or CLIP) model's encoders with torch's FSDP2 `fully_shard`, in place.
+
+    Each transformer layer (`CLIPEncoderLayer` by default) becomes one FSDP unit and the root holds the embeddings,
+    projections and final norms; the parameters of `fsdp_replicated_parameters` are passed as `ignored_params`, so
+    the normalizer keeps updating whole tensors identically on every rank. After each backward call
+    `average_replicated_gradients_(model)` (FSDP does not reduce ignored parameters).
+
+    Args:
+        model: The model, on its device, inside an initialised process group.
+        layer_classes: Module classes that become their own FSDP units (default: CLIP's encoder layers).
+        **fully_shard_kwargs: Passed to every `fully_shard` call (`mesh`, `mp_policy`, `reshard_after_forward`, ...).
+
+    Returns:
+        The model (now an `FSDPModule`).
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    if layer_classes is None:
+        from transformers.models.clip.modeling_clip import CLIPEncoderLayer
+
+        layer_classes = (CLIPEncoderLayer,)
+    ignored = set(fsdp_replicated_parameters(model).values())
+    for module in list(model.modules()):
+        if isinstance(module, layer_classes):
+            fully_shard(module, ignored_params=ignored, **fully_shard_kwargs)
+    fully_shard(model, ignored_params=ignored, **fully_shard_kwargs)
+    model._fsdp_replicated_parameters = ignored  # what `average_replicated_gradients_` reduces
+    return model
+
+
+@torch.no_grad()
+def average_replicated_gradients_(model: torch.nn.Module) -> None:
+    """Average over ranks, in place, the gradients of the parameters an FSDP2 model keeps whole and trains with the
+    encoders (`logit_scale`, SigLIP's bias): what DDP would have done for them. One all-reduce; no-op without FSDP2
+    sharding or in one process."""
+    replicated = getattr(model, "_fsdp_replicated_parameters", None)
+    if not replicated or not is_distributed():
+        return
+    with_grad = [p for p in replicated if p.grad is not None]
+    if not with_grad:
+        return
+    flat = torch.cat([p.grad.reshape(-1) for p in with_grad])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= dist.get_world_size()
+    for p, chunk in zip(with_grad, flat.split([p.numel() for p in with_grad])):
+        p.grad.copy_(chunk.view_as(p.grad))

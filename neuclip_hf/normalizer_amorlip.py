@@ -17,6 +17,7 @@ from .normalizer_base import (
     int_field,
     number_field,
     register_normalizer,
+    sum_parts_across_ranks,
     zero_counter,
 )
 from .objectives import ContrastiveBatch, NormalizerInputs, full_precision, log_eps_plus
@@ -257,18 +258,22 @@ class AmortizedNormalizer(NormalizerEstimator):
             if step > 0 and epoch > self.epoch_index(step - 1, batch):
                 self._start_epoch()
             self.beta.fill_(self.beta_at(epoch))
-            target_image, target_text = self._log_targets(inputs, slice(None))
+            # A sharded update fits this rank's anchors only (their targets need its L x B block of similarities);
+            # the fit is a mean over the global batch, so the ranks' gradient parts are summed before each step.
             diagnostics = {"beta": self.beta.clone()}
             if step % self.update_period == 0:
+                rows = inputs.update_rows
+                target_image, target_text = self._log_targets(inputs, rows)
+                image, text = inputs.image[rows], inputs.text[rows]
                 params = self.estimator_parameters()
                 with self.rollback_if_nonfinite(params, diagnostics):
                     for _ in range(self.inner_steps):
                         with torch.enable_grad():
-                            # l2-log objective: mean (log lambda(e) - log Z)^2, summed over the two modalities.
-                            fit = F.mse_loss(self.online.image(inputs.image), target_image) + F.mse_loss(
-                                self.online.text(inputs.text), target_text
-                            )
-                        self._optimizer_step(fit, params, self.grad_clip)
+                            # l2-log objective: mean over the B anchors of (log lambda(e) - log Z)^2, both modalities.
+                            fit = (F.mse_loss(self.online.image(image), target_image, reduction="sum")
+                                   + F.mse_loss(self.online.text(text), target_text, reduction="sum")) / batch
+                        *gradients, fit = sum_parts_across_ranks(inputs, [*torch.autograd.grad(fit, params), fit])
+                        self._apply_gradients(params, gradients, self.grad_clip)
                 diagnostics["fit_loss"] = fit.detach()
             if step % self.ema_period == 0:
                 for t, o in zip(self.target.parameters(), self.online.parameters()):

@@ -5,8 +5,9 @@ log-normalizer log(eps + g_i) (docs/algorithms.md, section 2). A method is one `
 file (`normalizer_<name>.py`), registered with `@register_normalizer`, and it owns everything about the method:
 
 - `update(inputs)` changes its own state from the detached global batch (`NormalizerInputs`). Every rank sees the
-  same gathered batch and runs the same deterministic computation, so the state stays identical on all ranks
-  without communication;
+  same gathered per-anchor statistics; an update that is a sum over anchors runs on this rank's `update_rows` and
+  adds the ranks' parts with one all-reduce (`sum_parts_across_ranks`), the rest is the same deterministic
+  computation on every rank, so the state stays identical on all ranks;
 - `estimate(inputs)` returns detached estimates of log(eps + g_i) for this rank's anchors (`NormalizerEstimator`);
 - `loss(batch, inputs, rho)` is the encoder objective that uses the estimate;
 - its parameters, buffers and counters are in `state_dict()`, its optimizer (owned here, because restarts and
@@ -173,6 +174,22 @@ def tile_rows(rows: torch.Tensor, count: int) -> torch.Tensor:
     return rows.repeat(repeats, 1)[:count]
 
 
+def sum_parts_across_ranks(inputs: NormalizerInputs, parts: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The ranks' parts of sums over anchors, added up (one all-reduce for all of them) when `inputs.sharded`.
+
+    Args:
+        inputs: The batch statistics whose `update_rows` the parts were computed on.
+        parts: Tensors (gradients, objective values) that are sums over this rank's anchors.
+
+    Returns:
+        The whole batch's sums, shaped as `parts` (the tensors themselves when the update is not sharded).
+    """
+    if not inputs.sharded:
+        return parts
+    flat = inputs.sum_across_ranks_(torch.cat([part.detach().reshape(-1) for part in parts]))
+    return [chunk.view_as(part) for chunk, part in zip(flat.split([part.numel() for part in parts]), parts)]
+
+
 # -- the contract -------------------------------------------------------------------------------------------------
 class Normalizer(nn.Module):
     """Base of everything that can sit under `model.normalizer` (one subclass per method)."""
@@ -188,7 +205,8 @@ class Normalizer(nn.Module):
     needs_sample_ids: ClassVar[bool] = False
     # Whether the method's state is sized by the number of training samples (see `config_from_data`).
     needs_num_samples: ClassVar[bool] = False
-    # Whether `loss`/`update` read the detached batch statistics (`NormalizerInputs`: a B x B similarity matrix).
+    # Whether `loss`/`update` read the detached batch statistics (`NormalizerInputs`: per-anchor vectors from each
+    # rank's L x B block of similarities).
     needs_statistics: ClassVar[bool] = True
     # Whether the temperature penalty weight rho may be negative (annealing schedules).
     allows_negative_rho: ClassVar[bool] = False
@@ -374,6 +392,7 @@ __all__ = [
     "number_field",
     "register_normalizer",
     "registered_objectives",
+    "sum_parts_across_ranks",
     "tile_rows",
     "zero_counter",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -75,6 +76,11 @@ class PrototypeNormalizer(NormalizerEstimator):
                                             "`benchmarks/`).", 0, low_open=True),
         "reset_optimizer_on_restart": bool_field(True, "Reset the AdaGrad accumulators when the prototypes are "
                                                        "re-seeded."),
+        "shard_update": bool_field(
+            True, "Across several processes, split each inner step's sum over anchors between the ranks and add the "
+                  "parts with one all-reduce of 2 m d floats (True), or run it on the whole global batch on every rank "
+                  "without communication (False: cheaper where the all-reduce is slow against the B m d GEMMs, e.g. "
+                  "small per-GPU batches across nodes; docs/scale.md). Both give the single-process result."),
     }
     count_diagnostics = ("nonfinite", "restart")
 
@@ -90,6 +96,7 @@ class PrototypeNormalizer(NormalizerEstimator):
         self.restart_source = settings.restart_source
         self.learning_rate = float(settings.learning_rate)
         self.reset_optimizer_on_restart = settings.reset_optimizer_on_restart
+        self.shard_update = bool(settings.shard_update)
         self.text_prototypes = nn.Parameter(torch.empty(m, dim))  # W1: stand in for the texts of image anchors
         self.image_prototypes = nn.Parameter(torch.empty(m, dim))  # W2: stand in for the images of text anchors
         self.register_buffer("num_updates", zero_counter())
@@ -108,7 +115,10 @@ class PrototypeNormalizer(NormalizerEstimator):
         return self.learning_rate
 
     def _make_optimizer(self, params, lr):
-        return torch.optim.Adagrad(params, lr=lr)
+        # The fused kernel updates W, its gradient and AdaGrad's state in one pass over the m x d tensors (the
+        # default single-tensor loop makes four); T_u such steps per training step do not depend on the batch.
+        fused = params[0].device.type in ("cpu", "cuda")
+        return torch.optim.Adagrad(params, lr=lr, fused=fused)
 
     def is_restart_step(self, step: int) -> bool:
         """Restart at step 0 and then every T_r steps (`constant`), or after gaps p0, 2 p0, 4 p0, ... < T_r and
@@ -148,30 +158,47 @@ class PrototypeNormalizer(NormalizerEstimator):
         With z_ik = (cos(e_i, W_k) - s_ii) / T, S_i = logsumexp_k z_ik - log m and alpha_i = log(eps + e^{S_i}):
         dL/dalpha_i = (1 - e^{log(eps + ghat_i) - alpha_i}) / B, dalpha_i/dS_i = e^{S_i - alpha_i},
         dS_i/dz_ik = softmax_k(z_i)_k and dz_ik/dcos_ik = 1/T.
+
+        Both are sums over anchors: under a sharded update (several ranks) each rank adds its own anchors' terms and
+        one all-reduce of the (2 m d + 1)-float buffer sums them, so every rank gets the whole batch's gradient.
+        Work that does not grow with the batch is kept to one read of W (its row norms) and two passes to form the
+        gradient: no normalised copy of W and no m x d radial projection (both are done on the (L, m) block).
         """
-        batch, temperature = inputs.batch_size, inputs.temperature
-        value = torch.zeros((), device=inputs.image.device)
-        gradients = []
-        for anchors, prototypes, log_g in (
-            (inputs.image, self.text_prototypes, inputs.log_g_image),
-            (inputs.text, self.image_prototypes, inputs.log_g_text),
+        rows = inputs.update_rows
+        batch, temperature, positive = inputs.batch_size, inputs.temperature, inputs.positive[rows]
+        m, dim = self.text_prototypes.shape
+        # The objective's value and both gradients in one buffer, so a sharded update needs a single all-reduce.
+        flat = self.text_prototypes.new_empty(2 * m * dim + 1)
+        gradients = list(flat[:-1].view(2, m, dim).unbind(0))
+        value = flat[-1]
+        value.zero_()
+        for (anchors, prototypes, log_g), gradient in zip(
+            ((inputs.image[rows], self.text_prototypes, inputs.log_g_image[rows]),
+             (inputs.text[rows], self.image_prototypes, inputs.log_g_text[rows])),
+            gradients,
         ):
-            norm = prototypes.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # as F.normalize
-            unit = prototypes / norm
-            z = (anchors @ unit.T - inputs.positive[:, None]) / temperature  # (B, m)
-            # One exp over the (B, m) scores serves both logsumexp_k z_ik and softmax_k(z_i).
+            inverse_norm = 1 / torch.linalg.vector_norm(prototypes, dim=-1).clamp_min(1e-12)  # 1/|W_k|, as F.normalize
+            # (L, m) blocks are updated in place where they are not needed again: at large L their allocation costs
+            # as much as the arithmetic.
+            cosine = torch.mm(anchors, prototypes.T).mul_(inverse_norm)  # cos(e_i, W_k), W never normalised
+            z = (cosine - positive[:, None]).div_(temperature)
+            # One exp over the (L, m) scores serves both logsumexp_k z_ik and softmax_k(z_i).
             z_max = z.amax(dim=1, keepdim=True)
-            shifted = torch.exp(z - z_max)
+            shifted = z.sub_(z_max).exp_()
             total = shifted.sum(dim=1)
             log_mean = z_max.squeeze(1) + torch.log(total) - math.log(self.num_prototypes)  # S_i
             alpha = log_eps_plus(log_mean, self.eps)
             ratio = torch.exp(log_g - alpha)  # exp(-alpha) (eps + ghat)
-            value = value + (ratio + alpha).mean()
+            value += (ratio + alpha).sum() / batch  # this rank's part of the mean over the global batch
             coefficient = (1 - ratio) * torch.exp(log_mean - alpha) / (batch * temperature)  # dL/dz, up to softmax
-            grad_cosine = shifted * (coefficient / total)[:, None]  # softmax_k(z_i) * coefficient_i, (B, m)
-            grad_unit = grad_cosine.T @ anchors  # (m, d): dL / d(W_k / |W_k|)
-            # Through the normalisation: remove the radial component, divide by the norm.
-            gradients.append((grad_unit - (grad_unit * unit).sum(-1, keepdim=True) * unit) / norm)
+            grad_cosine = shifted.mul_((coefficient / total)[:, None])  # softmax_k(z_i) * coefficient_i, (L, m)
+            # dL/dW_k = (g_k - (g_k . u_k) u_k) / |W_k| with g_k = sum_i dL/dcos_ik e_i and u_k = W_k / |W_k|. The
+            # radial part g_k . u_k = sum_i dL/dcos_ik cos_ik comes from the (L, m) block, so
+            # dL/dW_k = sum_i (dL/dcos_ik / |W_k|) e_i - (g_k . u_k) / |W_k|^2 W_k: one scaled copy of W, one GEMM.
+            radial = cosine.mul_(grad_cosine).sum(dim=0).mul_(inverse_norm.square())
+            torch.mul(prototypes, -radial[:, None], out=gradient)
+            torch.addmm(gradient, grad_cosine.mul_(inverse_norm).T, anchors, out=gradient)  # += (m, L) @ (L, d)
+        inputs.sum_across_ranks_(flat)
         return value, gradients
 
     @torch.no_grad()
@@ -212,6 +239,8 @@ class PrototypeNormalizer(NormalizerEstimator):
 
     @torch.no_grad()
     def update(self, inputs):
+        if inputs.sharded and not self.shard_update:
+            inputs = dataclasses.replace(inputs, sharded=False)  # every rank runs the whole batch
         with full_precision(inputs.image.device):
             step = int(self.num_updates)
             if self.restart_source == "bank":

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .distributed import gather_no_grad, gather_with_grad
+from .distributed import all_reduce_sum_, gather_no_grad, gather_with_grad, is_distributed
 
 
 @contextmanager
@@ -148,6 +148,11 @@ class ContrastiveBatch:
 class NormalizerInputs:
     """What an estimator sees of a global batch: detached fp32 statistics, identical on every rank.
 
+    Each rank computes the statistics of its own anchors only (its L x B block of similarities, as open_clip's
+    `local_loss`) and the per-anchor vectors are all-gathered (B floats each), so no rank holds a B x B matrix.
+    Estimators whose update is a sum over anchors run it on the rows in `update_rows` and add the ranks' parts
+    with `sum_across_ranks_` (`docs/scale.md`).
+
     Attributes:
         image: (B, d) global image embeddings.
         text: (B, d) global text embeddings.
@@ -157,6 +162,8 @@ class NormalizerInputs:
         log_g_text: (B,) log(eps + ghat2_i), text anchors against the batch's other images.
         local: rows of this rank's anchors.
         sample_ids: (B,) global sample ids, or None.
+        sharded: True when the ranks split the update's sum over anchors (each takes `local`, the parts are
+            all-reduced); False when every rank runs it on the whole batch (`from_embeddings`).
     """
 
     image: torch.Tensor
@@ -167,6 +174,7 @@ class NormalizerInputs:
     log_g_text: torch.Tensor
     local: slice
     sample_ids: torch.Tensor | None = None
+    sharded: bool = False
 
     @classmethod
     @torch.no_grad()
@@ -179,29 +187,65 @@ class NormalizerInputs:
         local: slice | None = None,
         sample_ids: torch.Tensor | None = None,
     ) -> "NormalizerInputs":
-        """Compute the batch statistics once; estimators reuse them for all their inner steps."""
+        """The statistics of a whole batch computed in this process (B x B similarities; tests, diagnostics).
+
+        `local` only selects the anchors `estimate` returns; an update runs on every row (`sharded=False`).
+        """
         image, text, temperature = image.detach().float(), text.detach().float(), temperature.detach().float()
-        sim = image @ text.T
-        positive = sim.diagonal()
-        index = torch.arange(sim.shape[0], device=sim.device)
-        log_g_image, log_g_text = in_batch_log_normalizers(sim, sim.T, positive, index, temperature, eps)
-        local = local if local is not None else slice(0, sim.shape[0])
+        rows = slice(0, image.shape[0])
+        positive, log_g_image, log_g_text = _anchor_statistics(image, text, text, image, rows, temperature, eps)
+        local = local if local is not None else rows
         return cls(image, text, temperature, positive, log_g_image, log_g_text, local, sample_ids)
 
     @classmethod
+    @torch.no_grad()
     def from_batch(cls, batch: ContrastiveBatch, eps: float) -> "NormalizerInputs":
-        return cls.from_embeddings(
-            batch.all_image, batch.all_text, batch.temperature, eps, batch.local, batch.sample_ids
-        )
+        """The statistics of a rank's view of the global batch: its L x B rows, then the B-vectors all-gathered."""
+        all_image, all_text = batch.all_image.detach(), batch.all_text.detach()
+        temperature = batch.temperature.detach()
+        statistics = _anchor_statistics(batch.image.detach(), batch.text.detach(), all_text, all_image, batch.local,
+                                        temperature, eps)
+        # One collective for the three per-anchor vectors: (L, 3) rows gathered in rank order to (B, 3).
+        positive, log_g_image, log_g_text = gather_no_grad(torch.stack(statistics, dim=1)).unbind(1)
+        return cls(all_image, all_text, temperature, positive, log_g_image, log_g_text, batch.local, batch.sample_ids,
+                   sharded=is_distributed())
 
     @property
     def batch_size(self) -> int:
         return self.image.shape[0]
 
+    @property
+    def update_rows(self) -> slice:
+        """The anchors this rank's share of an update's sum covers (all of them unless `sharded`)."""
+        return self.local if self.sharded else slice(0, self.batch_size)
+
+    def sum_across_ranks_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Add up (in place) the ranks' parts of a sum over anchors when the update is sharded; else unchanged."""
+        return all_reduce_sum_(tensor) if self.sharded else tensor
+
     def is_finite(self) -> bool:
         return bool(
             torch.isfinite(self.image).all() and torch.isfinite(self.text).all() and torch.isfinite(self.temperature)
         )
+
+
+def _anchor_statistics(
+    image: torch.Tensor,
+    text: torch.Tensor,
+    all_text: torch.Tensor,
+    all_image: torch.Tensor,
+    rows: slice,
+    temperature: torch.Tensor,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """s_ii, log(eps + ghat1_i) and log(eps + ghat2_i) of the anchors `rows` (the (L, d) `image` and `text`) against
+    the whole batch: two (L, B) blocks of similarities, never B x B unless L = B."""
+    positive_index = torch.arange(rows.start, rows.start + image.shape[0], device=image.device)
+    positive = (image * text).sum(-1)
+    # One (L, B) block at a time, so the peak is one block and its temporaries, not both directions'.
+    log_g_image = log_mean_exp_negatives((image @ all_text.T - positive[:, None]) / temperature, positive_index)
+    log_g_text = log_mean_exp_negatives((text @ all_image.T - positive[:, None]) / temperature, positive_index)
+    return positive, log_eps_plus(log_g_image, eps), log_eps_plus(log_g_text, eps)
 
 
 def unified_loss(

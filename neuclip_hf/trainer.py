@@ -201,6 +201,15 @@ class _StopOnSignal(TrainerCallback):
         return control
 
 
+FSDP_REFUSAL = (
+    "NeuCLIPTrainer does not run under the Trainer's FSDP (--fsdp / --fsdp_config, or `accelerate launch --use_fsdp`): "
+    "accelerate's FSDP2 preparation shards every root parameter, and torch's fully_shard refuses CLIP's scalar "
+    "logit_scale, while FSDP1 would flatten the normalizer that its own optimizer updates. Train with DDP "
+    "(recipes/train.py as documented), or shard the encoders in your own loop with "
+    "neuclip_hf.distributed.shard_encoders_fsdp2 (docs/scale.md)."
+)
+
+
 class NeuCLIPTrainer(HubPushMixin, Trainer):
     """Trainer for `NeuCLIPModel` with any objective (`model.config.objective`).
 
@@ -222,6 +231,8 @@ class NeuCLIPTrainer(HubPushMixin, Trainer):
             args = NeuCLIPTrainingArguments()
         if not isinstance(args, NeuCLIPTrainingArguments):
             raise TypeError(f"NeuCLIPTrainer needs NeuCLIPTrainingArguments, got {type(args).__name__}")
+        if args.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true"):
+            raise ValueError(FSDP_REFUSAL)
         self._check_output_dir(args.output_dir)
         # Used by the Hub pushes (the repository is created inside Trainer.__init__ under --push_to_hub).
         self.hub_retry = RetryPolicy(args.hub_push_attempts, args.hub_push_backoff)

@@ -136,3 +136,23 @@ def launch_two_processes(script_and_args: list, timeout: float, cwd=None, env: d
         pytest.fail(f"`accelerate launch` did not finish within {timeout:.0f} s and was killed (a hang: ranks in "
                     f"different collectives?)\n--- stdout ---\n{stdout[-3000:]}\n--- stderr ---\n{stderr[-8000:]}")
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def spawn_with_timeout(fn, args: tuple, nprocs: int, timeout: float) -> None:
+    """`torch.multiprocessing.spawn(fn, args, nprocs)` whose run FAILS the test after `timeout` seconds (a hang:
+    ranks waiting in different collectives); every worker is killed first. A worker's exception is re-raised."""
+    import time
+
+    import torch.multiprocessing as mp
+
+    context = mp.spawn(fn, args=args, nprocs=nprocs, join=False)
+    deadline = time.monotonic() + timeout
+    while not context.join(timeout=max(0.0, deadline - time.monotonic())):
+        if time.monotonic() >= deadline:
+            for process in context.processes:
+                if process.is_alive():
+                    process.kill()
+            for process in context.processes:
+                process.join(30)
+            pytest.fail(f"{nprocs} spawned processes did not finish within {timeout:.0f} s and were killed (a hang: "
+                        "ranks in different collectives?)")

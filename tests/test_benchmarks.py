@@ -184,3 +184,37 @@ def test_training_modes_quick(bench_dirs):
     assert set(summary) == {"clip", "clip, checkpointing", "neuclip", "neuclip, checkpointing"}
     assert payload["compile"]["tiny@8"]["ratios"]["clip"]["median"] > 0
     assert payload["timings_valid"] is False  # quick timings are never recorded
+
+
+def test_scaling_quick(bench_dirs):
+    """1, 2 and 4 gloo ranks at a fixed global batch: per-rank work falls as 1/W and matches the projection's
+    formulas (the run has a hard timeout per world size)."""
+    from benchmarks import scaling
+
+    out, readme = bench_dirs
+    payload = scaling.main(["--quick", "--out_dir", str(out), "--readme", str(readme), "--timeout", "300"])
+    payload = _check(out, readme, "scaling")
+    assert sorted(payload["measured"]) == ["1", "2", "4"]
+    for world_size, ranks in payload["measured"].items():
+        assert [r["neuclip"]["world_size"] for r in ranks] == [int(world_size)] * int(world_size)
+    for check in payload["formula_checks"]:
+        assert check["update_flops_counted"] == check["update_flops_formula"]
+        assert check["statistics_flops_counted"] == check["statistics_flops_formula"]
+        assert check["all_reduce_bytes_counted"] == check["all_reduce_bytes_formula"]
+    single = payload["measured"]["1"][0]["neuclip"]
+    for rank in payload["measured"]["4"]:
+        assert rank["neuclip"]["update_flops"] * 4 == single["update_flops"]  # the update's work falls as 1/W
+        assert rank["neuclip"]["statistics_bytes"] * 4 == single["statistics_bytes"] == single["full_matrix_bytes"] * 2
+    assert [p["global_batch"] for p in payload["projection"][:2]] == [4096, 32768]
+    assert "yes" in readme.read_text().split("formulas the projection uses")[1][:120]
+
+
+def test_neuclip_update_quick(bench_dirs):
+    from benchmarks import neuclip_update
+
+    out, readme = bench_dirs
+    neuclip_update.main(["--label", "after", "--quick", "--repeats", "1", "--out_dir", str(out), "--readme",
+                         str(readme)])
+    payload = _check(out, readme, "neuclip_update", with_plot=False)
+    assert set(payload["runs"]["after"]["batches"]) == {"8", "256"}
+    assert payload["settings"] == {"embed_dim": 512, "num_prototypes": 4096, "inner_steps": 10}
