@@ -290,8 +290,9 @@ class ZeroShotEvalCallback(TrainerCallback):
     The metrics are logged through the Trainer (`trainer.log`, so every `report_to` integration sees them) with
     the prefix `eval_`; without an attached trainer they are appended to `state.log_history`. In a distributed run
     the main process evaluates while the other ranks wait for its metrics (every rank evaluates an FSDP2-sharded
-    model, whose forwards are collectives), then every rank records and logs the same line, so every rank makes the same calls and takes the same control decisions (docs/architecture.md,
-    "Rules for callbacks in distributed runs"). `NeuCLIPTrainer` logs the line after the step's training line; a
+    model, whose forwards are collectives), then every rank records and logs the same line, so every rank makes
+    the same calls and takes the same control decisions (docs/architecture.md, "Rules for callbacks in distributed
+    runs"). `NeuCLIPTrainer` logs the line after the step's training line; a
     plain `Trainer` then skips that step's training line on every rank (its `on_log` clears `should_log`).
 
     Args:
