@@ -228,6 +228,12 @@ class NeuCLIPTrainingArguments(TrainingArguments):
     max_consecutive_nonfinite: int = field(
         default=5, metadata={"help": "Stop after this many consecutive steps with a non-finite loss or estimate."}
     )
+    fsdp_encoders: bool = field(
+        default=False, metadata={"help": "Shard the encoders with torch's FSDP2 (each CLIP encoder layer one unit; "
+                                         "the normalizer and logit_scale stay whole), instead of DDP. Needs a "
+                                         "distributed launch (docs/scale.md, FSDP); the Trainer's own --fsdp and "
+                                         "accelerate's --use_fsdp are refused."}
+    )
     # Defaults changed from TrainingArguments (published CLIP recipes: AdamW beta2 0.98, eps 1e-6, cosine, clip 1).
     output_dir: str | None = field(default="outputs/neuclip", metadata={"help": "Where checkpoints are written."})
     learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate of the encoders."})

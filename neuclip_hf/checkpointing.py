@@ -84,3 +84,24 @@ def resolve_resume_checkpoint(resume: str | bool | None, output_dir: str | os.Pa
             f"being written{hint}"
         )
     return str(path)
+
+
+def read_full_weights(checkpoint: str | os.PathLike) -> dict:
+    """The full weights a `save_pretrained` wrote into `checkpoint` (`model.safetensors`, or the shards of
+    `model.safetensors.index.json`), on the CPU.
+
+    Raises:
+        ValueError: the directory has neither file.
+    """
+    from safetensors.torch import load_file
+
+    single, index = Path(checkpoint) / "model.safetensors", Path(checkpoint) / "model.safetensors.index.json"
+    if single.is_file():
+        return load_file(single, device="cpu")
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weights: dict = {}
+        for shard in shards:
+            weights.update(load_file(Path(checkpoint) / shard, device="cpu"))
+        return weights
+    raise ValueError(f"{checkpoint} has no model.safetensors (nor its index): no full weights to resume from")

@@ -20,7 +20,7 @@ import torch
 from transformers import TrainerCallback
 
 from .data import build_eval_dataloader
-from .distributed import main_process_result
+from .distributed import fsdp_root_gathered, is_fsdp_sharded, main_process_result
 from .evaluation import log_callback_metrics
 from .modeling_neuclip import unwrap_model
 from .normalizers import InBatchNormalizer, NormalizerEstimator, find_normalizer
@@ -185,7 +185,12 @@ class NormalizerDiagnosticsCallback(TrainerCallback):
         # The main process measures while the other ranks wait for its numbers; every rank then logs the same line
         # (docs/architecture.md, "Rules for callbacks in distributed runs").
         batch_size = self.batch_size or args.per_device_train_batch_size * max(args.world_size, 1)
-        metrics = main_process_result(lambda: self.measure(model, batch_size=batch_size), state.is_world_process_zero)
+        def run() -> dict[str, float]:
+            with fsdp_root_gathered(model):
+                return self.measure(model, batch_size=batch_size)
+
+        # An FSDP2-sharded model's forwards are collectives: then every rank measures, and rank 0's numbers are logged.
+        metrics = main_process_result(run, state.is_world_process_zero, every_rank=is_fsdp_sharded(model))
         if metrics is None:  # a state that is not the main process's, outside a process group
             return
         self.history.append({"step": state.global_step, **metrics})

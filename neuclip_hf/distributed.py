@@ -8,7 +8,8 @@ result equals the gradient of the mean of the per-rank losses, i.e. of the full-
 
 from __future__ import annotations
 
-from typing import Callable, TypeVar
+from contextlib import contextmanager
+from typing import Callable, Iterator, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -107,7 +108,8 @@ def broadcast_(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
     return tensor
 
 
-def main_process_result(compute: Callable[[], T], is_main: bool | None = None) -> T | None:
+def main_process_result(compute: Callable[[], T], is_main: bool | None = None, every_rank: bool = False
+                        ) -> T | None:
     """Run `compute` on the main process only and hand its (picklable) result to every process.
 
     A collective: every rank must call it at the same point, whatever it logs, evaluates or saves. The other ranks
@@ -118,13 +120,15 @@ def main_process_result(compute: Callable[[], T], is_main: bool | None = None) -
     Args:
         compute: The main process's work, e.g. an evaluation returning a dict of metrics.
         is_main: Whether this process is the main one (default: rank 0); in a process group it must be rank 0.
+        every_rank: Run `compute` on every rank (it makes collectives itself, e.g. forwards of an FSDP-sharded
+            model, `is_fsdp_sharded`), still handing rank 0's result to all.
 
     Returns:
         `compute()`'s result on every rank; without a process group, None when `is_main` is False.
     """
     if is_main is None:
         is_main = rank_and_world_size()[0] == 0
-    result = [compute() if is_main else None]
+    result = [compute() if is_main or (every_rank and is_distributed()) else None]
     if is_distributed():
         dist.broadcast_object_list(result, src=0)
     return result[0]
@@ -210,3 +214,75 @@ def average_replicated_gradients_(model: torch.nn.Module) -> None:
     flat /= dist.get_world_size()
     for p, chunk in zip(with_grad, flat.split([p.numel() for p in with_grad])):
         p.grad.copy_(chunk.view_as(p.grad))
+
+
+def is_fsdp_sharded(model: torch.nn.Module) -> bool:
+    """Whether `model` (or a module inside it) is sharded by FSDP2's `fully_shard` (`shard_encoders_fsdp2`)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(module, FSDPModule) for module in model.modules())
+
+
+@torch.no_grad()
+def broadcast_encoder_state_(model: torch.nn.Module) -> None:
+    """Copy rank 0's encoder parameters and buffers to every rank, in place (what DDP does when it wraps a model),
+    before `shard_encoders_fsdp2` cuts each rank's shard out of its own copy. The normalizer's own state
+    (`ddp_ignored_state_names`) is left alone, as DDP leaves it. One broadcast per tensor; no-op in one process."""
+    if not is_distributed():
+        return
+    ignored = set(getattr(model, "_ddp_params_and_buffers_to_ignore", ()))
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if name not in ignored:
+            dist.broadcast(tensor.data, src=0)
+
+
+def full_model_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The full (unsharded) state dict of an FSDP2-sharded model on rank 0, on the CPU; an empty dict on the other
+    ranks. A collective: every rank calls it (each sharded tensor is all-gathered)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_model_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+    """Load a full state dict (every rank holds all of it, e.g. read from `model.safetensors`) into an
+    FSDP2-sharded model: each rank keeps its own shard of each tensor. Strict: a missing or unexpected key raises."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, state_dict, options=StateDictOptions(full_state_dict=True, strict=True))
+
+
+@contextmanager
+def fsdp_root_gathered(model: torch.nn.Module) -> Iterator[None]:
+    """Inside, an FSDP2-sharded model (`shard_encoders_fsdp2`) answers `get_image_features` / `get_text_features`
+    / `encode_*`, not only `forward`: the root unit's parameters (embeddings, projections, final norms) are
+    gathered, and each encoder layer gathers its own in its forward. A collective: every rank must make the same
+    calls inside (the same evaluation). No-op for a model that is not sharded."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(model, FSDPModule):
+        yield
+        return
+    model.unshard()
+    try:
+        yield
+    finally:
+        model.reshard()
+
+
+@contextmanager
+def own_class(model: torch.nn.Module) -> Iterator[None]:
+    """Inside, an FSDP2-sharded model has its own class back (`NeuCLIPModel`, not torch's dynamic `FSDPNeuCLIPModel`
+    subclass), so `save_pretrained` names it in config.json's `auto_map` and copies its own module's code, not
+    torch's. Only for saving: no forward inside."""
+    from torch.distributed.fsdp import FSDPModule
+
+    sharded = type(model)
+    if not isinstance(model, FSDPModule):
+        yield
+        return
+    model.__class__ = next(c for c in sharded.__mro__[1:] if not issubclass(c, FSDPModule))
+    try:
+        yield
+    finally:
+        model.__class__ = sharded

@@ -28,7 +28,7 @@ import torch
 from transformers import AutoModel, AutoProcessor, TrainerCallback
 
 from .data.eval_data import EvalData, as_eval_data
-from .distributed import main_process_result
+from .distributed import fsdp_root_gathered, is_fsdp_sharded, main_process_result
 from .images import BadSampleError, load_image
 from .metrics import RECALL_KS, TIE_RULES, classification_metrics, retrieval_metrics
 from .zero_shot import (
@@ -289,9 +289,10 @@ class ZeroShotEvalCallback(TrainerCallback):
 
     The metrics are logged through the Trainer (`trainer.log`, so every `report_to` integration sees them) with
     the prefix `eval_`; without an attached trainer they are appended to `state.log_history`. In a distributed run
-    the main process evaluates while the other ranks wait for its metrics, then every rank records and logs the
-    same line, so every rank makes the same calls and takes the same control decisions (docs/architecture.md,
-    "Rules for callbacks in distributed runs"). `NeuCLIPTrainer` logs the line after the step's training line; a
+    the main process evaluates while the other ranks wait for its metrics (every rank evaluates an FSDP2-sharded
+    model, whose forwards are collectives), then every rank records and logs the same line, so every rank makes
+    the same calls and takes the same control decisions (docs/architecture.md, "Rules for callbacks in distributed
+    runs"). `NeuCLIPTrainer` logs the line after the step's training line; a
     plain `Trainer` then skips that step's training line on every rank (its `on_log` clears `should_log`).
 
     Args:
@@ -350,7 +351,13 @@ class ZeroShotEvalCallback(TrainerCallback):
             return None
         if self.evaluator.processor is None:
             self.evaluator.processor = processing_class
-        metrics = main_process_result(lambda: self.evaluator(model), state.is_world_process_zero)
+        def run() -> dict[str, float]:
+            with fsdp_root_gathered(model):
+                return self.evaluator(model)
+
+        # An FSDP2-sharded model's forwards are collectives: then every rank evaluates (the same data) and rank 0's
+        # metrics are logged.
+        metrics = main_process_result(run, state.is_world_process_zero, every_rank=is_fsdp_sharded(model))
         if metrics is None:
             return None
         self._record(metrics, state.global_step)

@@ -275,7 +275,8 @@ class NeuCLIPModel(CLIPModel):
             )
         return NeuCLIPOutput(
             loss=loss,
-            logits_per_image=logits_per_text.T,
+            # A copy, not a view: FSDP2 hooks every output of a sharded model for backward and warns on views.
+            logits_per_image=logits_per_text.T.contiguous(),
             logits_per_text=logits_per_text,
             text_embeds=text_embeds,
             image_embeds=image_embeds,

@@ -36,15 +36,28 @@ from contextlib import contextmanager
 from typing import Any, Callable
 
 import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 from transformers import Trainer, TrainerCallback
 from transformers.optimization import get_scheduler
+from transformers.trainer import SCHEDULER_NAME
 from transformers.trainer_utils import rotate_checkpoints
 from transformers.utils import logging
 from transformers.utils.logging import disable_progress_bar, enable_progress_bar, is_progress_bar_enabled
 
 from .arguments import NeuCLIPTrainingArguments
-from .checkpointing import marker_global_step, resolve_resume_checkpoint, write_marker
-from .distributed import rank_and_world_size
+from .checkpointing import marker_global_step, read_full_weights, resolve_resume_checkpoint, write_marker
+from .distributed import (
+    average_replicated_gradients_,
+    broadcast_encoder_state_,
+    full_model_state_dict,
+    is_distributed,
+    is_fsdp_sharded,
+    load_full_model_state_dict,
+    own_class,
+    rank_and_world_size,
+    shard_encoders_fsdp2,
+)
 from .hub import NORMALIZER_WEIGHTS_NAME, RetryPolicy, load_normalizer, save_normalizer
 from .data.samples import DataQualityError, bad_data_message, over_bad_limit
 from .images import BAD_SAMPLE_REASONS
@@ -204,10 +217,17 @@ class _StopOnSignal(TrainerCallback):
 FSDP_REFUSAL = (
     "NeuCLIPTrainer does not run under the Trainer's FSDP (--fsdp / --fsdp_config, or `accelerate launch --use_fsdp`): "
     "accelerate's FSDP2 preparation shards every root parameter, and torch's fully_shard refuses CLIP's scalar "
-    "logit_scale, while FSDP1 would flatten the normalizer that its own optimizer updates. Train with DDP "
-    "(recipes/train.py as documented), or shard the encoders in your own loop with "
-    "neuclip_hf.distributed.shard_encoders_fsdp2 (docs/scale.md)."
+    "logit_scale, while FSDP1 would flatten the normalizer that its own optimizer updates. Use --fsdp_encoders true "
+    "instead (a plain multi-process launch, without --use_fsdp): FSDP2 shards the encoders and keeps the normalizer "
+    "and logit_scale whole (docs/scale.md, FSDP)."
 )
+FSDP_NEEDS_PROCESSES = ("--fsdp_encoders true needs a distributed launch with at least 2 processes "
+                        "(`accelerate launch --multi_gpu --num_processes N ...` or torchrun); this run has 1")
+FSDP_REFUSES_LORA = ("--fsdp_encoders true does not shard a LoRA (PEFT) model: its adapters are small, train it "
+                     "with DDP (leave --fsdp_encoders false)")
+FSDP_REFUSES_BEST_MODEL = ("--fsdp_encoders true does not support --load_best_model_at_end: the zero-shot metrics "
+                           "of NeuCLIPTrainer are logged by a callback, not by Trainer.evaluate")
+FSDP_OPTIMIZER_DIR = "optimizer_fsdp"  # the encoder optimizer's sharded state (torch.distributed.checkpoint)
 
 
 class NeuCLIPTrainer(HubPushMixin, Trainer):
@@ -241,6 +261,8 @@ class NeuCLIPTrainer(HubPushMixin, Trainer):
         self._hub_token, args.hub_token = args.hub_token, None
         self.card_info: dict = {}
         super().__init__(model=model, args=args, **kwargs)
+        if args.fsdp_encoders:
+            self._shard_encoders()
         self._train_loader_factory = train_loader_factory
         self._train_loader = None
         self._resume_checkpoint: str | None = None
@@ -280,6 +302,40 @@ class NeuCLIPTrainer(HubPushMixin, Trainer):
             os.remove(probe)
         except OSError as error:
             raise ValueError(f"--output_dir={output_dir!r} cannot be written: {error}") from None
+
+    # -- FSDP2 ----------------------------------------------------------------------------------------------------
+    def _shard_encoders(self) -> None:
+        """--fsdp_encoders: shard the (placed) model's encoders with FSDP2 before the Trainer prepares it.
+
+        The Trainer then takes its path for a model that owns its sharding (`is_distributed_loading_by_transformers`,
+        transformers 5.x): accelerate applies mixed precision only and wraps no DDP around the DTensor parameters.
+        The replicated parameters' gradients are averaged in `training_step`, gradient clipping spans both kinds of
+        parameters (`Trainer._mixed_mesh_grad_norm`), and saves write full weights plus the optimizer's sharded state.
+        """
+        if self.args.world_size < 2 or not is_distributed():
+            raise ValueError(FSDP_NEEDS_PROCESSES)
+        if is_peft_model(self.model):
+            raise ValueError(FSDP_REFUSES_LORA)
+        if self.args.load_best_model_at_end:
+            raise ValueError(FSDP_REFUSES_BEST_MODEL)
+        if not hasattr(self, "is_distributed_loading_by_transformers"):
+            raise RuntimeError("--fsdp_encoders needs transformers' Trainer path for pre-sharded models "
+                               "(`is_distributed_loading_by_transformers`, transformers 5.x)")
+        broadcast_encoder_state_(self.model)  # every rank shards rank 0's weights, as DDP would train them
+        shard_encoders_fsdp2(self.model)
+        self.is_distributed_loading_by_transformers = True  # no DDP wrap, no device placement by accelerate
+        self.model_wrapped = self.model
+
+    @property
+    def encoders_sharded(self) -> bool:
+        return bool(self.args.fsdp_encoders) and is_fsdp_sharded(self.model)
+
+    def _sync_replicated_trainable_parameters(self, model) -> None:
+        # transformers' version would broadcast the normalizer's parameters and average their gradients in a hook
+        # (also inside the normalizer's own update); here the encoder state was broadcast before sharding and the
+        # replicated parameters' gradients are averaged in `training_step`.
+        if not self.args.fsdp_encoders:
+            super()._sync_replicated_trainable_parameters(model)
 
     # -- model parts ----------------------------------------------------------------------------------------------
     @property
@@ -447,6 +503,9 @@ class NeuCLIPTrainer(HubPushMixin, Trainer):
         # stop when ANY rank got SIGTERM or the bad data of ALL ranks is over the limit (one all-reduce for all).
         finite = self._agree_on_step(torch.isfinite(loss.detach()))
         self.accelerator.backward(loss)  # also on a bad step, so every rank joins DDP's gradient reduction
+        # FSDP2 reduce-scatters the sharded gradients in backward; the parameters it keeps whole (logit_scale, SigLIP's
+        # bias) are averaged here, before the Trainer clips (no-op under DDP).
+        average_replicated_gradients_(model)
         if not finite:
             model.zero_grad(set_to_none=True)  # no gradient -> AdamW leaves every weight and moment unchanged
             self._handle_nonfinite_step(outputs)
@@ -600,7 +659,15 @@ class NeuCLIPTrainer(HubPushMixin, Trainer):
 
     # -- checkpoints ----------------------------------------------------------------------------------------------
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
-        super()._save_optimizer_and_scheduler(output_dir)
+        if self.encoders_sharded:
+            # Every rank writes its shards of the encoder optimizer's state (torch.distributed.checkpoint); the
+            # scheduler is the same on every rank: one copy.
+            dcp.save({"optimizer": get_optimizer_state_dict(self.model, self.optimizer)},
+                     checkpoint_id=os.path.join(output_dir, FSDP_OPTIMIZER_DIR))
+            if self.args.should_save:
+                torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
+        else:
+            super()._save_optimizer_and_scheduler(output_dir)
         normalizer = self.normalizer
         if self.args.should_save and normalizer.optimizer is not None:
             state = {"optimizer": normalizer.optimizer.state_dict()}
@@ -609,7 +676,17 @@ class NeuCLIPTrainer(HubPushMixin, Trainer):
             torch.save(state, os.path.join(output_dir, NORMALIZER_STATE_NAME))
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
-        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None and self.encoders_sharded:
+            sharded_dir = os.path.join(checkpoint, FSDP_OPTIMIZER_DIR)
+            if not os.path.isdir(sharded_dir):
+                raise ValueError(f"{checkpoint} has no {FSDP_OPTIMIZER_DIR}/: it was not saved with --fsdp_encoders "
+                                 "true, so the sharded encoder optimizer cannot be resumed from it")
+            state = {"optimizer": get_optimizer_state_dict(self.model, self.optimizer)}
+            dcp.load(state, checkpoint_id=sharded_dir)  # each rank reads its own shards
+            set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"])
+            self.lr_scheduler.load_state_dict(torch.load(os.path.join(checkpoint, SCHEDULER_NAME), weights_only=True))
+        else:
+            super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is None:
             return
         normalizer = self.normalizer
@@ -626,14 +703,23 @@ class NeuCLIPTrainer(HubPushMixin, Trainer):
             self.normalizer_scheduler.load_state_dict(state["scheduler"])
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
-        with library_progress_bars(enabled=sys.stderr.isatty()):  # nested in Trainer's bar: cursor-up escapes
+        if state_dict is None and self.encoders_sharded:
+            # Full weights, gathered on every rank (a collective) and written by rank 0: a normal checkpoint that
+            # `from_pretrained` loads in one process.
+            state_dict = full_model_state_dict(self.model)
+        # nested in Trainer's bar: cursor-up escapes; a sharded model saved under its own class name and code
+        with library_progress_bars(enabled=sys.stderr.isatty()), own_class(self.model):
             super()._save(output_dir, state_dict)
         if self.args.should_save and is_peft_model(self.model):  # a PEFT save holds only the adapter
             save_normalizer(self.model, output_dir if output_dir is not None else self.args.output_dir)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
         model = self.model if model is None else model
+        if self.encoders_sharded:
+            # The full weights a save wrote (`_save`); every rank reads them and keeps its own shards.
+            load_full_model_state_dict(model, read_full_weights(resume_from_checkpoint))
+            return
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
         if is_peft_model(model):  # the adapter was loaded above; the normalizer is stored next to it
             if not os.path.isfile(os.path.join(resume_from_checkpoint, NORMALIZER_WEIGHTS_NAME)):
                 raise ValueError(f"{resume_from_checkpoint} has no {NORMALIZER_WEIGHTS_NAME}: it was not written by "

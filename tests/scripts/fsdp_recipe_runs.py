@@ -1,0 +1,33 @@
+"""Run under `accelerate launch` with 2 CPU processes: recipes/train.py three times in one launch (one process group),
+on the embedded default data with the tiny preset.
+
+    fsdp_recipe_runs.py OUT_DIR STEPS SAVE_AT [recipe flags...]
+        OUT_DIR/ddp      STEPS steps under DDP
+        OUT_DIR/fsdp     STEPS steps with --fsdp_encoders true (checkpoints every SAVE_AT steps)
+        OUT_DIR/resumed  --fsdp_encoders true, resumed from OUT_DIR/fsdp/checkpoint-SAVE_AT to STEPS
+Each run writes its final model with save_pretrained (full weights, rank 0); tests/test_fsdp.py compares them.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "recipes"))
+import train as train_recipe  # noqa: E402
+
+
+def main() -> None:
+    out, steps, save_at, extra = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4:]
+    common = [str(ROOT / "recipes" / "configs" / "default.yaml"), "--max_steps", steps, "--save_steps", save_at,
+              *extra]
+    train_recipe.main(common + ["--output_dir", str(out / "ddp")])
+    train_recipe.main(common + ["--output_dir", str(out / "fsdp"), "--fsdp_encoders", "true"])
+    train_recipe.main(common + ["--output_dir", str(out / "resumed"), "--fsdp_encoders", "true",
+                                "--resume_from_checkpoint", str(out / "fsdp" / f"checkpoint-{save_at}")])
+    if int(os.environ.get("RANK", 0)) == 0:
+        print("three runs done, world size", os.environ.get("WORLD_SIZE"))
+
+
+if __name__ == "__main__":
+    main()
