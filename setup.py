@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from setuptools import find_packages, setup
+from setuptools import find_namespace_packages, setup
 
 ROOT = Path(__file__).parent
 VERSION = {}
@@ -18,9 +18,11 @@ setup(
     python_requires=">=3.10",
     # The card templates live in the top-level model_cards/ folder (the project's layout); installed, they are the
     # data of `neuclip_hf.model_cards`, where neuclip_hf.model_card looks first.
-    packages=find_packages(include=["neuclip_hf", "neuclip_hf.*"]) + ["neuclip_hf.model_cards"],
+    # Data folders (assets/, templates/, the metric scripts' folders) are namespace packages with their data.
+    packages=find_namespace_packages(include=["neuclip_hf", "neuclip_hf.*"], exclude=["*.__pycache__"])
+    + ["neuclip_hf.model_cards"],
     package_dir={"neuclip_hf.model_cards": "model_cards"},
-    package_data={"neuclip_hf": ["assets/*", "metrics/*/*.py", "templates/*"], "neuclip_hf.model_cards": ["*.md"]},
+    package_data={"neuclip_hf.assets": ["*"], "neuclip_hf.templates": ["*"], "neuclip_hf.model_cards": ["*.md"]},
     include_package_data=True,
     # torch is deliberately not listed first-class: install the wheel for your platform before this package
     # (CPU: `pip install torch==2.13.0`), otherwise pip may pull a multi-GB CUDA build. torchvision is not needed.
