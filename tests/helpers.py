@@ -121,17 +121,7 @@ def launch_two_processes(script_and_args: list, timeout: float, cwd=None, env: d
     try:
         stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        try:
-            launcher = psutil.Process(process.pid)
-            tree = [launcher, *launcher.children(recursive=True)]
-        except psutil.NoSuchProcess:  # it ended in the meantime
-            tree = []
-        for member in tree:
-            try:
-                member.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(tree, timeout=30)
+        kill_tree(process)
         stdout, stderr = process.communicate()
         pytest.fail(f"`accelerate launch` did not finish within {timeout:.0f} s and was killed (a hang: ranks in "
                     f"different collectives?)\n--- stdout ---\n{stdout[-3000:]}\n--- stderr ---\n{stderr[-8000:]}")
