@@ -119,10 +119,21 @@ def run_ddp(args, processes: int) -> dict:
 
 def ddp_worker(args, device: str) -> None:
     """One rank of `run_ddp`: every rank measures (DDP needs them all); rank 0 writes the results."""
+    import gc
+
+    import torch.distributed as dist
+
     results = throughput(("plain",) + OBJECTIVES, args, device, bf16=args.bf16)
     if int(os.environ.get("RANK", 0)) == 0:
         payload = {"world_size": int(os.environ["WORLD_SIZE"]), "results": results}
         Path(args.ddp_worker).write_text(json.dumps(payload))
+    # Tear down in order, as tests/test_lora.py does: free the DDP-wrapped models (their reducers) while the process
+    # group is alive, then destroy the group on every rank together. Left to interpreter exit, a rank's gloo threads
+    # could be destroyed still joinable ("terminate called without an active exception", SIGABRT, seen once in CI).
+    gc.collect()
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def main(argv=None) -> dict:
