@@ -101,11 +101,38 @@ def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def all_reduce_max_(tensor: torch.Tensor) -> torch.Tensor:
+    """Element-wise maximum of `tensor` over all ranks, in place; identity in one process."""
+    if is_distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
+
+
+def row_blocks(rows: int, world_size: int) -> list[slice]:
+    """`rows` split into `world_size` contiguous blocks in rank order, the first `rows % world_size` one row longer
+    (a block is empty when there are fewer rows than ranks)."""
+    base, extra = divmod(rows, world_size)
+    bounds = [0]
+    for rank in range(world_size):
+        bounds.append(bounds[-1] + base + (rank < extra))
+    return [slice(start, stop) for start, stop in zip(bounds[:-1], bounds[1:])]
+
+
+@torch.no_grad()
 def broadcast_(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
     """Overwrite `tensor` in place with rank `src`'s value; identity in one process."""
     if is_distributed():
         dist.broadcast(tensor, src=src)
     return tensor
+
+
+def end_process_group() -> None:
+    """Wait for every rank, then destroy the default process group (no-op without one). Call it once at the end of a
+    launched script: a gloo group left to interpreter exit can abort a rank ('terminate called without an active
+    exception') after all its work is done, which turns a finished run into a failed launch."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def main_process_result(compute: Callable[[], T], is_main: bool | None = None, every_rank: bool = False

@@ -33,7 +33,7 @@ from neuclip_hf.arguments import (
 )
 from neuclip_hf.data import build_train_dataloader, count_samples, find_train_num_samples, open_eval_data
 from neuclip_hf.diagnostics import NormalizerDiagnosticsCallback, pool_from_data
-from neuclip_hf.distributed import rank_and_world_size
+from neuclip_hf.distributed import end_process_group, rank_and_world_size
 from neuclip_hf.evaluation import ZeroShotEvalCallback, ZeroShotEvaluator, format_metrics_table
 from neuclip_hf.model_setup import build_model, build_processor, maybe_apply_lora
 from neuclip_hf.normalizers import NormalizerEstimator, normalizer_class
@@ -110,3 +110,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     main()
+    end_process_group()

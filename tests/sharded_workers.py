@@ -20,14 +20,21 @@ DIM = 16
 EPS = 1e-6
 
 
-VARIANTS = {"neuclip_replicated": ("neuclip", {"neuclip_shard_update": False})}  # the replicated NeuCLIP update
+# The other NeuCLIP update splits (the default splits the prototypes), and the prototype split with a number of
+# prototypes that 2 and 4 ranks do not divide (blocks of 4 + 3 and 2 + 2 + 2 + 1 rows).
+VARIANTS = {
+    "neuclip_anchors": ("neuclip", {"neuclip_update_sharding": "anchors"}),
+    "neuclip_replicated": ("neuclip", {"neuclip_update_sharding": "replicated"}),
+    "neuclip_uneven": ("neuclip", {"neuclip_num_prototypes": 7}),
+}
 
 
 def build_model(objective: str) -> NeuCLIPModel:
     torch.manual_seed(0)
     objective, extra = VARIANTS.get(objective, (objective, {}))
-    config = tiny_config(objective, fastclip_id_mode="map", amorlip_epoch_steps=1, amorlip_beta_ramp_epochs=2,
-                         neuclip_num_prototypes=8, neuclip_inner_steps=3, neuclip_restart_period=2, **extra)
+    settings = dict(fastclip_id_mode="map", amorlip_epoch_steps=1, amorlip_beta_ramp_epochs=2,
+                    neuclip_num_prototypes=8, neuclip_inner_steps=3, neuclip_restart_period=2)
+    config = tiny_config(objective, **{**settings, **extra})
     return NeuCLIPModel(config)
 
 
@@ -70,8 +77,18 @@ def run_objective(objective: str) -> dict:
         "text_grads": torch.stack(text_grads),
         "scale_grads": torch.stack(scale_grads),
         "statistics": torch.stack(statistics),
-        "normalizer": {k: v.detach().clone() for k, v in model.normalizer.state_dict().items()},
+        "normalizer": {**{k: v.detach().clone() for k, v in model.normalizer.state_dict().items()},
+                       **optimizer_state(model.normalizer)},
     }
+
+
+def optimizer_state(normalizer) -> dict[str, torch.Tensor]:
+    """The tensors of the normalizer's own optimizer state (AdaGrad's sums, Adam's moments), by a flat name."""
+    if normalizer._optimizer is None:
+        return {}
+    return {f"optimizer.{index}.{key}": value.detach().clone()
+            for index, state in normalizer._optimizer.state_dict()["state"].items()
+            for key, value in state.items() if torch.is_tensor(value)}
 
 
 def worker(rank: int, world_size: int, port: int, objectives: list[str], out_dir: str) -> None:

@@ -1,7 +1,9 @@
 """Each estimator on frozen features: exactness where it must be exact, convergence where it learns."""
 
 import copy
+import dataclasses
 import math
+import threading
 
 import pytest
 import torch
@@ -13,7 +15,8 @@ from neuclip_hf.normalizers import (
     PrototypeNormalizer,
     build_normalizer,
 )
-from neuclip_hf import normalizer_amorlip
+from neuclip_hf import normalizer_amorlip, normalizer_neuclip
+from neuclip_hf.distributed import row_blocks
 from neuclip_hf.normalizer_amorlip import log_partition_sum
 from neuclip_hf.objectives import NormalizerInputs
 
@@ -417,3 +420,84 @@ def test_closed_form_prototype_gradient_equals_autograd():
     torch.testing.assert_close(value, expected_value.detach())
     for got, want in zip(gradients, expected):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
+
+
+class SimulatedRanks:
+    """Collectives for `world_size` threads that each play one rank (sum and max all-reduces, in place)."""
+
+    def __init__(self, world_size):
+        self.world_size = world_size
+        self.barrier = threading.Barrier(world_size)
+        self.deposits = {}
+
+    def _all_reduce(self, tensor, reduce):
+        self.deposits[threading.get_ident()] = tensor.clone()
+        self.barrier.wait()
+        result = reduce(torch.stack(list(self.deposits.values())))
+        self.barrier.wait()
+        tensor.copy_(result)
+        return tensor
+
+    def all_reduce_sum_(self, tensor):
+        return self._all_reduce(tensor, lambda stacked: stacked.sum(0))
+
+    def all_reduce_max_(self, tensor):
+        return self._all_reduce(tensor, lambda stacked: stacked.amax(0))
+
+    def run(self, work):
+        """`work(rank)` in one thread per rank; their results in rank order."""
+        results = [None] * self.world_size
+        threads = [threading.Thread(target=lambda r=r: results.__setitem__(r, work(r))) for r in range(self.world_size)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        assert all(result is not None for result in results), "a simulated rank failed"
+        return results
+
+
+@pytest.mark.parametrize("temperature", (0.07, 0.002))  # 0.002: below the fixed shift's range, the ranks' max shifts
+def test_prototype_split_gradient_equals_float64_autograd(monkeypatch, temperature):
+    """Three simulated ranks own 9 + 8 + 8 of m = 25 prototypes: the value each computes and the gradient rows of its
+    own block, put together, are the whole objective's value and gradient (float64 autograd on the formula)."""
+    normalizer = build_normalizer(tiny_config(projection_dim=8, neuclip_num_prototypes=25,
+                                              neuclip_restart_source="batch"))
+    image, text = clustered_pairs(20, dim=8)
+    inputs = inputs_for(image, text, temperature)
+    # Prototypes near the data (a restart, then noise), so the objective stays finite in fp32 even at T = 0.002.
+    normalizer.restart(inputs)
+    with torch.no_grad():
+        for prototypes in (normalizer.text_prototypes, normalizer.image_prototypes):
+            prototypes.add_(0.1 * torch.randn(prototypes.shape, generator=torch.Generator().manual_seed(0)))
+    ranks = SimulatedRanks(3)
+    monkeypatch.setattr(normalizer_neuclip, "all_reduce_sum_", ranks.all_reduce_sum_)
+    monkeypatch.setattr(normalizer_neuclip, "all_reduce_max_", ranks.all_reduce_max_)
+    blocks = row_blocks(25, 3)
+    assert [(block.start, block.stop) for block in blocks] == [(0, 9), (9, 17), (17, 25)]
+    results = ranks.run(lambda rank: normalizer.objective_and_gradients(inputs, blocks[rank]))
+
+    reference = copy.deepcopy(normalizer).double()
+    inputs64 = dataclasses.replace(inputs, **{name: getattr(inputs, name).double() for name in
+                                              ("image", "text", "temperature", "positive", "log_g_image", "log_g_text")})
+    params = [reference.text_prototypes, reference.image_prototypes]
+    expected_value = reference.objective_value(inputs64)
+    expected = torch.autograd.grad(expected_value, params)
+    # fp32 cosines carry ~6e-8 of error, i.e. ~3e-5 in z = cos / T at T = 0.002, which the softmax weights amplify:
+    # against float64 and against each other, the fp32 computations (split or not) agree to rtol 1e-4 at T = 0.07
+    # and 1e-3 at 0.002.
+    rtol = 1e-4 if temperature > 0.01 else 1e-3
+    whole_value, whole_gradients = normalizer.objective_and_gradients(inputs)  # one rank, all prototypes
+    for value, _ in results:
+        torch.testing.assert_close(value.double(), expected_value.detach(), atol=1e-6, rtol=rtol)
+        torch.testing.assert_close(value, whole_value, atol=1e-6, rtol=rtol)
+    for direction, want in enumerate(expected):
+        got = torch.cat([gradients[direction] for _, gradients in results])
+        torch.testing.assert_close(got.double(), want, atol=1e-6, rtol=rtol)
+        torch.testing.assert_close(got, whole_gradients[direction], atol=1e-6, rtol=rtol)
+
+
+def test_row_blocks_cover_the_rows_in_rank_order():
+    assert row_blocks(7, 4) == [slice(0, 2), slice(2, 4), slice(4, 6), slice(6, 7)]
+    assert row_blocks(8, 2) == [slice(0, 4), slice(4, 8)]
+    assert row_blocks(2, 3) == [slice(0, 1), slice(1, 2), slice(2, 2)]  # more ranks than rows: an empty block
+    assert row_blocks(5, 1) == [slice(0, 5)]

@@ -1,9 +1,11 @@
 """Per-rank batch statistics and sharded estimator updates equal the single-process run (1, 2 and 4 gloo ranks).
 
-Each rank computes only its L x B block of similarities, all-gathers the per-anchor vectors, and the estimators whose
-update is a sum over anchors (NeuCLIP's prototypes, AmorLIP's networks) sum the ranks' gradient parts with one
-all-reduce; the losses, the embeddings' gradients, the gathered statistics and every estimator state after three
-steps (restarts, an AmorLIP epoch boundary, FastCLIP's table) must equal the one-process run to 1e-6.
+Each rank computes only its L x B block of similarities and all-gathers the per-anchor vectors; AmorLIP's networks
+sum the ranks' gradient parts with one all-reduce; NeuCLIP splits its update by prototypes (the default: each rank
+steps its own rows, the per-anchor sums over prototypes are all-reduced), by anchors or not at all. The losses, the
+embeddings' gradients, the gathered statistics and every estimator state after three steps (restarts, an AmorLIP
+epoch boundary, FastCLIP's table), must equal the one-process run to 1e-6 (the own optimizer's state to 1e-5) and
+be bit-identical on every rank.
 """
 
 import pytest
@@ -15,6 +17,7 @@ from neuclip_hf.objectives import ContrastiveBatch, NormalizerInputs
 
 TIMEOUT = 300  # seconds per spawn; a 4-rank run takes ~20 s on 2 busy cores, so only a hang reaches it
 TOLERANCE = dict(atol=1e-6, rtol=1e-6)
+OPTIMIZER_TOLERANCE = dict(atol=1e-5, rtol=1e-5)
 RUNS = (*OBJECTIVES, *VARIANTS)
 
 
@@ -48,7 +51,9 @@ def test_ranks_equal_single_process_run(runs, reference, objective, world_size):
             torch.testing.assert_close(got[key], expected[key], **TOLERANCE, msg=lambda m: f"rank {rank} {key}: {m}")
         assert set(got["normalizer"]) == set(expected["normalizer"])
         for name, value in expected["normalizer"].items():
-            torch.testing.assert_close(got["normalizer"][name], value, **TOLERANCE,
+            # AdaGrad's accumulators sum squared gradients: their relative error is twice the gradients', per step.
+            tolerance = OPTIMIZER_TOLERANCE if name.startswith("optimizer.") else TOLERANCE
+            torch.testing.assert_close(got["normalizer"][name], value, **tolerance,
                                        msg=lambda m: f"rank {rank} normalizer.{name}: {m}")
             # Every rank ends in the same state: the all-reduced sums are identical on all of them.
             assert torch.equal(got["normalizer"][name], first["normalizer"][name]), f"normalizer.{name} differs"

@@ -31,3 +31,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    train_recipe.end_process_group()

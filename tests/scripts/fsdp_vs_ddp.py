@@ -25,7 +25,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from helpers import tiny_batch, tiny_config  # noqa: E402
 
 from neuclip_hf import NeuCLIPModel  # noqa: E402
-from neuclip_hf.distributed import average_replicated_gradients_, shard_encoders_fsdp2  # noqa: E402
+from neuclip_hf.distributed import (  # noqa: E402
+    average_replicated_gradients_,
+    end_process_group,
+    shard_encoders_fsdp2,
+)
 
 BATCH = 8
 
@@ -117,3 +121,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    end_process_group()

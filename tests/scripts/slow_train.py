@@ -24,3 +24,4 @@ NeuCLIPTrainer.training_step = slow_step
 
 if __name__ == "__main__":
     train.main()
+    train.end_process_group()

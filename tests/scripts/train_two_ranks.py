@@ -18,6 +18,7 @@ from helpers import tiny_config  # noqa: E402
 from trainer_helpers import PairDataset  # noqa: E402
 
 from neuclip_hf import NeuCLIPModel  # noqa: E402
+from neuclip_hf.distributed import end_process_group  # noqa: E402
 from neuclip_hf.trainer import NeuCLIPTrainer, NeuCLIPTrainingArguments  # noqa: E402
 
 GLOBAL_BATCH = 8
@@ -70,3 +71,4 @@ if __name__ == "__main__":
     results = {obj: run(obj, os.path.join(cli.out, obj)) for obj in cli.objectives}
     rank = int(os.environ.get("RANK", 0))
     torch.save(results, os.path.join(cli.out, f"result_rank{rank}.pt"))
+    end_process_group()
