@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -91,6 +91,9 @@ class ContrastiveBatch:
         offset: global index of the first local anchor.
         logit_scale: scalar log(1/T), with grad.
         sample_ids: (B,) global sample ids, or None.
+
+    The similarity blocks and the in-batch log-normalizers are computed once per batch (with autograd) and kept:
+    the estimator's detached statistics (`NormalizerInputs.from_batch`) and the loss read the same tensors.
     """
 
     image: torch.Tensor
@@ -100,6 +103,7 @@ class ContrastiveBatch:
     offset: int
     logit_scale: torch.Tensor
     sample_ids: torch.Tensor | None = None
+    _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
     def gather(
@@ -132,16 +136,21 @@ class ContrastiveBatch:
 
     def similarities(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Local-vs-global cosines: image->text (L, B), text->image (L, B), and the positives s_ii (L,)."""
-        image_to_text = self.image @ self.all_text.T
-        text_to_image = self.text @ self.all_image.T
-        positive = (self.image * self.text).sum(-1)
-        return image_to_text, text_to_image, positive
+        if "similarities" not in self._cache:
+            image_to_text = self.image @ self.all_text.T
+            text_to_image = self.text @ self.all_image.T
+            positive = (self.image * self.text).sum(-1)
+            self._cache["similarities"] = (image_to_text, text_to_image, positive)
+        return self._cache["similarities"]
 
     def log_normalizers(self, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
         """log(eps + ghat1_i), log(eps + ghat2_i) of the local anchors against the global batch (with grad)."""
-        image_to_text, text_to_image, positive = self.similarities()
-        return in_batch_log_normalizers(image_to_text, text_to_image, positive, self.positive_index,
-                                        self.temperature, eps)
+        key = ("log_normalizers", eps)
+        if key not in self._cache:
+            image_to_text, text_to_image, positive = self.similarities()
+            self._cache[key] = in_batch_log_normalizers(image_to_text, text_to_image, positive, self.positive_index,
+                                                        self.temperature, eps)
+        return self._cache[key]
 
 
 @dataclass
@@ -193,18 +202,26 @@ class NormalizerInputs:
         """
         image, text, temperature = image.detach().float(), text.detach().float(), temperature.detach().float()
         rows = slice(0, image.shape[0])
-        positive, log_g_image, log_g_text = _anchor_statistics(image, text, text, image, rows, temperature, eps)
+        positive = (image * text).sum(-1)
+        log_g_image, log_g_text = in_batch_log_normalizers(image @ text.T, text @ image.T, positive,
+                                                           torch.arange(image.shape[0], device=image.device),
+                                                           temperature, eps)
         local = local if local is not None else rows
         return cls(image, text, temperature, positive, log_g_image, log_g_text, local, sample_ids)
 
     @classmethod
-    @torch.no_grad()
     def from_batch(cls, batch: ContrastiveBatch, eps: float) -> "NormalizerInputs":
-        """The statistics of a rank's view of the global batch: its L x B rows, then the B-vectors all-gathered."""
+        """The statistics of a rank's view of the global batch: its L x B rows, then the B-vectors all-gathered.
+
+        The rows are the loss's own (`ContrastiveBatch.log_normalizers`, computed here with autograd if the loss has
+        not yet, and kept in `batch` for it), so the L x B blocks are formed once per step, not twice.
+        """
+        with torch.enable_grad():
+            log_g_image, log_g_text = batch.log_normalizers(eps)
+            positive = batch.similarities()[2]
+        statistics = [tensor.detach() for tensor in (positive, log_g_image, log_g_text)]
         all_image, all_text = batch.all_image.detach(), batch.all_text.detach()
         temperature = batch.temperature.detach()
-        statistics = _anchor_statistics(batch.image.detach(), batch.text.detach(), all_text, all_image, batch.local,
-                                        temperature, eps)
         # One collective for the three per-anchor vectors: (L, 3) rows gathered in rank order to (B, 3).
         positive, log_g_image, log_g_text = gather_no_grad(torch.stack(statistics, dim=1)).unbind(1)
         return cls(all_image, all_text, temperature, positive, log_g_image, log_g_text, batch.local, batch.sample_ids,
@@ -227,25 +244,6 @@ class NormalizerInputs:
         return bool(
             torch.isfinite(self.image).all() and torch.isfinite(self.text).all() and torch.isfinite(self.temperature)
         )
-
-
-def _anchor_statistics(
-    image: torch.Tensor,
-    text: torch.Tensor,
-    all_text: torch.Tensor,
-    all_image: torch.Tensor,
-    rows: slice,
-    temperature: torch.Tensor,
-    eps: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """s_ii, log(eps + ghat1_i) and log(eps + ghat2_i) of the anchors `rows` (the (L, d) `image` and `text`) against
-    the whole batch: two (L, B) blocks of similarities, never B x B unless L = B."""
-    positive_index = torch.arange(rows.start, rows.start + image.shape[0], device=image.device)
-    positive = (image * text).sum(-1)
-    # One (L, B) block at a time, so the peak is one block and its temporaries, not both directions'.
-    log_g_image = log_mean_exp_negatives((image @ all_text.T - positive[:, None]) / temperature, positive_index)
-    log_g_text = log_mean_exp_negatives((text @ all_image.T - positive[:, None]) / temperature, positive_index)
-    return positive, log_eps_plus(log_g_image, eps), log_eps_plus(log_g_text, eps)
 
 
 def unified_loss(

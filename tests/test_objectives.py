@@ -323,3 +323,23 @@ def test_batch_aware_rho_value_and_where_it_applies():
         rho = 6.5 - math.log(1023 / 7) if shifted else 6.5
         expected = 2 * rho * model.temperature
         assert float(out.loss_components["temperature_penalty"]) == pytest.approx(expected, rel=1e-5), objective
+
+
+def test_statistics_and_loss_share_one_set_of_similarity_blocks():
+    """`from_batch` (even under no_grad) keeps the L x B blocks it forms, with autograd, for the loss: the pair costs
+    the FLOPs of the loss alone, and the gradients are those of a batch that never computed statistics."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    batch, leaves = make_batch(temperature=0.07)
+    with FlopCounterMode(display=False) as both:
+        with torch.no_grad():
+            inputs = NormalizerInputs.from_batch(batch, EPS)
+        loss, _ = unified_loss(batch, inputs.log_g_image + 0.3, inputs.log_g_text - 0.2, EPS, 2.0)
+    grads = torch.autograd.grad(loss, leaves)
+    fresh, fresh_leaves = make_batch(temperature=0.07)
+    with FlopCounterMode(display=False) as alone:
+        expected, _ = unified_loss(fresh, inputs.log_g_image + 0.3, inputs.log_g_text - 0.2, EPS, 2.0)
+    assert both.get_total_flops() == alone.get_total_flops() > 0
+    torch.testing.assert_close(loss, expected)
+    for got, want in zip(grads, torch.autograd.grad(expected, fresh_leaves)):
+        torch.testing.assert_close(got, want)
