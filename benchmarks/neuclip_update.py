@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out_dir", type=Path, default=RESULTS)
     parser.add_argument("--readme", default=None, help="README to update (default benchmarks/README.md)")
     parser.add_argument("--batches", type=int, nargs="*", help="global batch sizes (default: 8 256 1024)")
+    parser.add_argument("--description", help="what code this label times (kept with the label, shown in the README)")
     parser.add_argument("--repeats", type=int, help="timed updates per batch size in this run (default 5, quick 3)")
     args = parser.parse_args(argv)
     batches = args.batches or ([8, 256] if args.quick else [8, 256, 1024])
@@ -72,6 +73,8 @@ def main(argv: list[str] | None = None) -> dict:
     payload = json.loads(path.read_text()) if path.exists() else {"benchmark": NAME, "runs": {}}
     run = payload["runs"].setdefault(args.label, {"batches": {}})  # batches not run now keep their earlier numbers
     run["environment"] = environment()
+    if args.description:
+        run["description"] = args.description
     for batch_size in batches:
         # Runs of the same label add up, so labels can be run in alternating rounds under the same load.
         times = run["batches"].get(str(batch_size), {}).get("seconds", []) + update_times(batch_size, repeats)
@@ -92,12 +95,13 @@ def write_readme(payload: dict, readme: str | None = None) -> None:
             rows.append([label, batch, f"{stats['median'] * 1e3:.0f}",
                          f"{stats['iqr'][0] * 1e3:.0f}-{stats['iqr'][1] * 1e3:.0f}",
                          f"{stats['min'] * 1e3:.0f}-{stats['max'] * 1e3:.0f}", stats["n"]])
+    labels = "\n".join(f"- `{label}`: {run.get('description', '(no description recorded)')}"
+                       for label, run in payload["runs"].items())
     body = (
         f"## {NAME}\n\n`OMP_NUM_THREADS=1 python benchmarks/neuclip_update.py --label <name>`. NeuCLIP's estimator update "
-        f"alone (m = {PROTOTYPES}, T_u = {INNER_STEPS}, d = {EMBED_DIM}) on one thread, per training step; `before` is "
-        "the update of commit 97643a0 (m x d normalisation, radial projection and single-tensor AdaGrad in every inner "
-        "step), `after` this branch's. Labels ran in alternating rounds (3 x 5 updates each) on a machine shared with "
-        "other jobs (load 4-6 on 2 cores), hence the wide spreads; see `docs/scale.md` for what changed.\n\n"
+        f"alone (m = {PROTOTYPES}, T_u = {INNER_STEPS}, d = {EMBED_DIM}) on one thread, per training step. Labels that "
+        "are compared ran in alternating rounds of their two checkouts; see `docs/scale.md` for what changed.\n\n"
+        + labels + "\n\n"
         + markdown_table(["code", "global batch", "median ms", "IQR ms", "min-max ms", "runs"], rows)
         + "\n\nResults: `results/neuclip_update.json`."
     )

@@ -197,16 +197,24 @@ def test_scaling_quick(bench_dirs):
     assert sorted(payload["measured"]) == ["1", "2", "4"]
     for world_size, ranks in payload["measured"].items():
         assert [r["neuclip"]["world_size"] for r in ranks] == [int(world_size)] * int(world_size)
+    # Every NeuCLIP split on every rank of every world size (3 splits x 7 ranks).
+    assert len(payload["formula_checks"]) == 3 * (1 + 2 + 4)
     for check in payload["formula_checks"]:
-        assert check["update_flops_counted"] == check["update_flops_formula"]
-        assert check["statistics_flops_counted"] == check["statistics_flops_formula"]
-        assert check["all_reduce_bytes_counted"] == check["all_reduce_bytes_formula"]
-    single = payload["measured"]["1"][0]["neuclip"]
+        for key in ("update_flops", "statistics_flops", "all_reduce_bytes", "all_gather_bytes"):
+            assert check[f"{key}_counted"] == check[f"{key}_formula"], (check, key)
+    single = payload["measured"]["1"][0]
     for rank in payload["measured"]["4"]:
-        assert rank["neuclip"]["update_flops"] * 4 == single["update_flops"]  # the update's work falls as 1/W
-        assert rank["neuclip"]["statistics_bytes"] * 4 == single["statistics_bytes"] == single["full_matrix_bytes"] * 2
+        for run in ("neuclip", "neuclip anchors"):  # the split update's work falls as 1/W
+            assert rank[run]["update_flops"] * 4 == single[run]["update_flops"]
+        assert rank["neuclip replicated"]["update_flops"] == single["neuclip replicated"]["update_flops"]
+        assert rank["neuclip"]["update_all_gather_bytes"] > 0 == rank["neuclip anchors"]["update_all_gather_bytes"]
+        assert rank["neuclip"]["statistics_bytes"] * 4 == single["neuclip"]["statistics_bytes"]
+        assert single["neuclip"]["statistics_bytes"] == single["neuclip"]["full_matrix_bytes"] * 2
     assert [p["global_batch"] for p in payload["projection"][:2]] == [4096, 32768]
-    assert "yes" in readme.read_text().split("formulas the projection uses")[1][:120]
+    assert set(payload["projection"][0]["splits"]) == {f"{split}_{precision}" for split in
+                                                       ("prototypes", "anchors", "replicated")
+                                                       for precision in ("tf32", "fp32")}
+    assert "uses: **yes**" in readme.read_text()
 
 
 def test_neuclip_update_quick(bench_dirs):
