@@ -45,14 +45,23 @@ def step_embeddings(step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     return image, text, torch.arange(BATCH) * 5 + step
 
 
-def run_objective(objective: str) -> dict:
+def run_objective(objective: str, steps: range = range(STEPS), checkpoint: dict | None = None) -> dict:
     """Losses (mean over ranks), gradients of the global batch's embeddings and of log(1/T), the gathered batch
-    statistics and the final estimator state, as the single-process run defines them."""
+    statistics and the final estimator state, as the single-process run defines them.
+
+    Args:
+        objective: An objective or a `VARIANTS` name.
+        steps: The steps to run (each has its own global batch).
+        checkpoint: A `checkpoint` entry of an earlier run's result (any world size) to resume from.
+    """
     rank, world_size = rank_and_world_size()
     rows = slice(rank * BATCH // world_size, (rank + 1) * BATCH // world_size)
     model = build_model(objective)
+    if checkpoint is not None:  # as the trainer resumes: the normalizer's weights and buffers, then its optimizer
+        model.normalizer.load_state_dict(checkpoint["normalizer"])
+        model.normalizer.optimizer.load_state_dict(checkpoint["optimizer"])
     losses, image_grads, text_grads, scale_grads, statistics = [], [], [], [], []
-    for step in range(STEPS):
+    for step in steps:
         image, text, ids = step_embeddings(step)
         image, text = image[rows].clone().requires_grad_(True), text[rows].clone().requires_grad_(True)
         model.logit_scale.grad = None
@@ -79,6 +88,8 @@ def run_objective(objective: str) -> dict:
         "statistics": torch.stack(statistics),
         "normalizer": {**{k: v.detach().clone() for k, v in model.normalizer.state_dict().items()},
                        **optimizer_state(model.normalizer)},
+        "checkpoint": {"normalizer": model.normalizer.state_dict(),
+                       "optimizer": model.normalizer._optimizer.state_dict() if model.normalizer._optimizer else {}},
     }
 
 
@@ -91,12 +102,17 @@ def optimizer_state(normalizer) -> dict[str, torch.Tensor]:
             for key, value in state.items() if torch.is_tensor(value)}
 
 
-def worker(rank: int, world_size: int, port: int, objectives: list[str], out_dir: str) -> None:
+def worker(rank: int, world_size: int, port: int, objectives: list[str], out_dir: str,
+           steps: tuple[int, int] = (0, STEPS), resume_from: str | None = None, tag: str = "") -> None:
+    """Run `objectives` over `steps` (start, stop) in a gloo group, optionally resuming from the results file
+    `resume_from` (written by a run of any world size); writes `world{W}_rank{r}{tag}.pt` into `out_dir`."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
-        results = {objective: run_objective(objective) for objective in objectives}
-        torch.save(results, os.path.join(out_dir, f"world{world_size}_rank{rank}.pt"))
+        saved = torch.load(resume_from, weights_only=True) if resume_from else {}
+        results = {objective: run_objective(objective, range(*steps), saved.get(objective, {}).get("checkpoint"))
+                   for objective in objectives}
+        torch.save(results, os.path.join(out_dir, f"world{world_size}_rank{rank}{tag}.pt"))
     finally:
         dist.destroy_process_group()

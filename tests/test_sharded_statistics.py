@@ -11,7 +11,7 @@ be bit-identical on every rank.
 import pytest
 import torch
 from helpers import OBJECTIVES, free_port, spawn_with_timeout, unit_vectors
-from sharded_workers import BATCH, EPS, VARIANTS, run_objective, worker
+from sharded_workers import BATCH, EPS, STEPS, VARIANTS, run_objective, worker
 
 from neuclip_hf.objectives import ContrastiveBatch, NormalizerInputs
 
@@ -73,3 +73,23 @@ def test_from_batch_holds_only_the_local_rows_statistics_in_one_process():
     logits = (similarity - similarity.diagonal()[:, None]) / float(batch.temperature)
     ghat = (logits.exp().sum(1) - 1) / (BATCH - 1)
     torch.testing.assert_close(inputs.log_g_image.double(), torch.log(EPS + ghat), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective", ("neuclip", "neuclip_uneven", "amorlip"))
+def test_estimator_resumes_at_another_world_size(tmp_path, reference, objective):
+    """A checkpoint of the estimator written by 2 ranks after step 1 (the prototype split's rows and AdaGrad sums
+    gathered, AmorLIP's networks and Adam state), resumed by 4 ranks and by 1 process for the remaining steps, ends
+    where the uninterrupted single-process run ends."""
+    spawn_with_timeout(worker, (2, free_port(), [objective], str(tmp_path), (0, 1), None, "_first"), 2, TIMEOUT)
+    saved = str(tmp_path / "world2_rank0_first.pt")
+    for world_size in (4, 1):
+        spawn_with_timeout(worker, (world_size, free_port(), [objective], str(tmp_path), (1, STEPS), saved, "_rest"),
+                           world_size, TIMEOUT)
+        for rank in range(world_size):
+            got = torch.load(tmp_path / f"world{world_size}_rank{rank}_rest.pt", weights_only=True)[objective]
+            torch.testing.assert_close(got["losses"], reference[objective]["losses"][1:], **TOLERANCE)
+            for name, value in reference[objective]["normalizer"].items():
+                tolerance = OPTIMIZER_TOLERANCE if name.startswith("optimizer.") else TOLERANCE
+                torch.testing.assert_close(got["normalizer"][name], value, **tolerance,
+                                           msg=lambda m: f"{world_size} ranks, rank {rank}, {name}: {m}")
