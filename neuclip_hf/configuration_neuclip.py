@@ -13,8 +13,11 @@ import math
 
 from huggingface_hub.dataclasses import strict
 from transformers import CLIPConfig
+from transformers.utils import logging
 
 from .normalizers import NORMALIZERS, normalizer_class, registered_objectives
+
+logger = logging.get_logger(__name__)
 
 # Keys of a saved CLIPConfig that must not be forwarded when converting it into a NeuCLIPConfig.
 _CLIP_ONLY_KEYS = ("model_type", "transformers_version", "architectures", "auto_map", "_name_or_path")
@@ -24,6 +27,13 @@ def _check(condition: bool, field: str, value, allowed: str) -> None:
     """Raise a ValueError naming the field, its value and what is allowed."""
     if not condition:
         raise ValueError(f"NeuCLIPConfig.{field}={value!r} is invalid: expected {allowed}.")
+
+
+# Method fields renamed since a config.json could have been saved: old key -> (new key, old value -> new value). A
+# saved config keeps loading, with the behaviour it had (the update split of a `neuclip_shard_update` run, say).
+RENAMED_FIELDS = {
+    "neuclip_shard_update": ("neuclip_update_sharding", {True: "anchors", False: "replicated"}),
+}
 
 
 @strict
@@ -69,6 +79,14 @@ class NeuCLIPConfig(CLIPConfig):
     train_num_samples: int | None = None
 
     def __post_init__(self, **kwargs):
+        for old, (new, values) in RENAMED_FIELDS.items():
+            if old in kwargs:
+                value = kwargs.pop(old)
+                if value not in values:
+                    raise ValueError(f"NeuCLIPConfig.{old}={value!r} (renamed to `{new}`) is invalid: expected one of "
+                                     f"{sorted(values, key=str)}")
+                kwargs.setdefault(new, values[value])
+                logger.warning(f"NeuCLIPConfig: `{old}={value!r}` is read as `{new}={kwargs[new]!r}` (renamed)")
         # Each registered method's own fields, from the keyword arguments or the method's defaults.
         for method in NORMALIZERS.values():
             for name, spec in method.config_fields.items():

@@ -275,3 +275,23 @@ print("ok")
     env = {**__import__("os").environ, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1"}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
+
+
+@pytest.mark.parametrize(("old", "new"), ((True, "anchors"), (False, "replicated")))
+def test_config_saved_with_the_renamed_shard_update_field_loads_with_its_split(tmp_path, old, new):
+    """A config.json from before `neuclip_update_sharding` (bool `neuclip_shard_update`) loads, with the split its run
+    had; a value the old field never took is an error naming both fields."""
+    model = NeuCLIPModel(tiny_config("neuclip", neuclip_num_prototypes=8))
+    model.save_pretrained(tmp_path)
+    config_file = tmp_path / "config.json"
+    saved = json.loads(config_file.read_text())
+    del saved["neuclip_update_sharding"]
+    saved["neuclip_shard_update"] = old
+    config_file.write_text(json.dumps(saved))
+    loaded = NeuCLIPModel.from_pretrained(tmp_path)
+    assert loaded.config.neuclip_update_sharding == new and loaded.normalizer.update_sharding == new
+    assert not hasattr(loaded.config, "neuclip_shard_update")
+    torch.testing.assert_close(loaded.normalizer.text_prototypes, model.normalizer.text_prototypes)
+    with pytest.raises(ValueError, match=r"NeuCLIPConfig.neuclip_shard_update='yes' \(renamed to "
+                                         r"`neuclip_update_sharding`\) is invalid"):
+        NeuCLIPConfig(neuclip_shard_update="yes")
