@@ -3,8 +3,10 @@
 For a plain `Trainer` on `CLIPModel(return_loss=True)` and for `NeuCLIPTrainer` with every objective: samples/s,
 model FLOPs utilisation (MFU), peak GPU memory and the estimator's share of the step; for every objective, a check
 that the bf16-autocast loss matches the fp32 loss on the same batch and weights (and stays fp32). With two or more
-GPUs it also runs the 2-GPU DDP path (`torch.distributed.run`, NCCL) at the same per-device batch. It writes
-`results/gpu.json` and the README's `gpu` section. About 2 minutes on one H100-class GPU (4 with the DDP runs).
+GPUs it also runs the 2-GPU DDP path (`torch.distributed.run`, NCCL) at the same per-device batch, with NeuCLIP
+under both its prototype (default) and anchor update splits. It writes
+`results/gpu.json` and the README's `gpu` section. Sized for under 5 minutes on one H100-class GPU (6 runs of 5 + 20
+steps at batch 256, plus the DDP runs with two GPUs); never run on a GPU yet, so that time is an estimate.
 
     python benchmarks/gpu.py                            # one command: 1 GPU, and 2-GPU DDP when two are present
     python benchmarks/gpu.py --quick --allow_cpu        # a CPU dry run of the same code path (tests)
@@ -101,6 +103,9 @@ def throughput(kinds, args, device: str, bf16: bool) -> dict:
     return results
 
 
+ANCHOR_SPLIT = "neuclip (anchor split)"  # the DDP rows' extra run: `neuclip_update_sharding=anchors`
+
+
 def run_ddp(args, processes: int) -> dict:
     """The throughput rows again, in `processes` ranks (`torch.distributed.run`; NCCL on GPUs, gloo on CPU)."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -124,6 +129,11 @@ def ddp_worker(args, device: str) -> None:
     import torch.distributed as dist
 
     results = throughput(("plain",) + OBJECTIVES, args, device, bf16=args.bf16)
+    # NeuCLIP's other update split beside the default prototype split, measured where it differs (docs/scale.md).
+    results[ANCHOR_SPLIT] = measure("neuclip", args.preset, args.batch_size, args.steps, args.warmup, bf16=args.bf16,
+                                    overrides={**NEUCLIP_OVERRIDES, "neuclip_update_sharding": "anchors"},
+                                    device="cpu" if device == "cpu" else "auto",
+                                    text_length=TEXT_LENGTH if args.preset != "tiny" else None, time_estimator=True)
     if int(os.environ.get("RANK", 0)) == 0:
         payload = {"world_size": int(os.environ["WORLD_SIZE"]), "results": results}
         Path(args.ddp_worker).write_text(json.dumps(payload))

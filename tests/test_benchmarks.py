@@ -121,7 +121,9 @@ def test_gpu_script_dry_run_on_cpu(bench_dirs):
     assert all(m["world_size"] == 1 and m["samples_per_second"] > 0 for m in payload["results"].values())
     assert 0 < payload["results"]["neuclip"]["estimator_share"] < 1
     assert "estimator_share" not in payload["results"]["plain"]
-    assert payload["ddp"]["world_size"] == 2 and set(payload["ddp"]["results"]) == kinds  # the 2-process DDP path
+    # the 2-process DDP path, with NeuCLIP's anchor split beside its default prototype split
+    assert payload["ddp"]["world_size"] == 2 and set(payload["ddp"]["results"]) == kinds | {gpu.ANCHOR_SPLIT}
+    assert 0 < payload["ddp"]["results"][gpu.ANCHOR_SPLIT]["estimator_share"] < 1
     assert all(m["world_size"] == 2 for m in payload["ddp"]["results"].values())
     assert set(payload["precision"]) == kinds - {"plain"}
     assert all(c["loss_dtype"] == "float32" and c["estimator_state_fp32"] for c in payload["precision"].values())
