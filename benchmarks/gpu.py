@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.common import environment, markdown_table, update_readme_section, write_json  # noqa: E402
 from benchmarks.throughput import SyntheticPairs, measure  # noqa: E402
 from neuclip_hf import OBJECTIVES, NeuCLIPModel  # noqa: E402
+from neuclip_hf.distributed import end_process_group  # noqa: E402
 from neuclip_hf.presets import model_config  # noqa: E402
 
 # Dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets.
@@ -93,14 +94,15 @@ def precision_check(objective: str, preset: str, batch_size: int, device: str) -
             "passed": relative <= BF16_LOSS_RTOL and loss.dtype == torch.float32 and state_fp32}
 
 
+def measure_kind(kind: str, args, device: str, bf16: bool, **overrides) -> dict:
+    """One throughput row: `kind` (`plain` or an objective) at the run's geometry, with extra config `overrides`."""
+    return measure(kind, args.preset, args.batch_size, args.steps, args.warmup, bf16=bf16,
+                   overrides={**NEUCLIP_OVERRIDES, **overrides}, device="cpu" if device == "cpu" else "auto",
+                   text_length=TEXT_LENGTH if args.preset != "tiny" else None, time_estimator=kind != "plain")
+
+
 def throughput(kinds, args, device: str, bf16: bool) -> dict:
-    results = {}
-    for kind in kinds:
-        results[kind] = measure(kind, args.preset, args.batch_size, args.steps, args.warmup, bf16=bf16,
-                                overrides=NEUCLIP_OVERRIDES, device="cpu" if device == "cpu" else "auto",
-                                text_length=TEXT_LENGTH if args.preset != "tiny" else None,
-                                time_estimator=kind != "plain")
-    return results
+    return {kind: measure_kind(kind, args, device, bf16) for kind in kinds}
 
 
 ANCHOR_SPLIT = "neuclip (anchor split)"  # the DDP rows' extra run: `neuclip_update_sharding=anchors`
@@ -126,24 +128,16 @@ def ddp_worker(args, device: str) -> None:
     """One rank of `run_ddp`: every rank measures (DDP needs them all); rank 0 writes the results."""
     import gc
 
-    import torch.distributed as dist
-
     results = throughput(("plain",) + OBJECTIVES, args, device, bf16=args.bf16)
     # NeuCLIP's other update split beside the default prototype split, measured where it differs (docs/scale.md).
-    results[ANCHOR_SPLIT] = measure("neuclip", args.preset, args.batch_size, args.steps, args.warmup, bf16=args.bf16,
-                                    overrides={**NEUCLIP_OVERRIDES, "neuclip_update_sharding": "anchors"},
-                                    device="cpu" if device == "cpu" else "auto",
-                                    text_length=TEXT_LENGTH if args.preset != "tiny" else None, time_estimator=True)
+    results[ANCHOR_SPLIT] = measure_kind("neuclip", args, device, args.bf16, neuclip_update_sharding="anchors")
     if int(os.environ.get("RANK", 0)) == 0:
         payload = {"world_size": int(os.environ["WORLD_SIZE"]), "results": results}
         Path(args.ddp_worker).write_text(json.dumps(payload))
     # Tear down in order, as tests/test_lora.py does: free the DDP-wrapped models (their reducers) while the process
-    # group is alive, then destroy the group on every rank together. Left to interpreter exit, a rank's gloo threads
-    # could be destroyed still joinable ("terminate called without an active exception", SIGABRT, seen once in CI).
+    # group is alive, then destroy the group on every rank together (`end_process_group`).
     gc.collect()
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    end_process_group()
 
 
 def main(argv=None) -> dict:

@@ -89,6 +89,10 @@ class RowBlockAdagrad(torch.optim.Adagrad):
     def step(self, closure=None):
         if self.rows is None:
             return super().step(closure)
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
         rows = self.rows
         for group in self.param_groups:
             params, grads, sums, steps = [], [], [], []
@@ -97,7 +101,7 @@ class RowBlockAdagrad(torch.optim.Adagrad):
                     fused=group["fused"], foreach=group["foreach"], lr=group["lr"],
                     weight_decay=group["weight_decay"], lr_decay=group["lr_decay"], eps=group["eps"],
                     maximize=group["maximize"])
-        return None
+        return loss
 
 
 @register_normalizer
@@ -178,7 +182,6 @@ class PrototypeNormalizer(NormalizerEstimator):
         self.learning_rate = float(settings.learning_rate)
         self.reset_optimizer_on_restart = settings.reset_optimizer_on_restart
         self.update_sharding = settings.update_sharding
-        self._row_gradients: list[torch.Tensor] | None = None  # set while a prototype-split update runs
         self.text_prototypes = nn.Parameter(torch.empty(m, dim))  # W1: stand in for the texts of image anchors
         self.image_prototypes = nn.Parameter(torch.empty(m, dim))  # W2: stand in for the images of text anchors
         self.register_buffer("num_updates", zero_counter())
@@ -343,35 +346,24 @@ class PrototypeNormalizer(NormalizerEstimator):
         return row_blocks(self.num_prototypes, world_size)[rank]
 
     @contextmanager
-    def _stepping_rows(self, rows: slice | None) -> Iterator[None]:
-        """Inside, with `rows` set (this rank's block under the prototype split), `_apply_gradients` takes the block's
-        row-sized gradients and the optimizer steps only those rows of W1, W2 and their accumulators."""
+    def _stepping_rows(self, rows: slice | None) -> Iterator[list[torch.Tensor] | None]:
+        """Inside, with `rows` set (this rank's block under the prototype split), the optimizer steps only those rows
+        of W1, W2 and their accumulators; yields the whole-shaped gradient tensors that torch requires as `.grad`
+        (made once per update; only their block rows are ever written or read), or None when `rows` is None."""
         if rows is None:
-            yield
+            yield None
             return
-        # Whole-shaped .grad tensors, as torch requires, made once per update; only their block rows are ever read.
-        self._row_gradients = [torch.zeros_like(self.text_prototypes), torch.zeros_like(self.image_prototypes)]
         self.optimizer.rows = rows
         try:
-            yield
+            yield [torch.zeros_like(self.text_prototypes), torch.zeros_like(self.image_prototypes)]
         finally:
             self.optimizer.rows = None
-            self._row_gradients = None
-
-    def _apply_gradients(self, params, gradients, clip=None):
-        if self._row_gradients is None:
-            return super()._apply_gradients(params, gradients, clip)
-        for whole, block in zip(self._row_gradients, gradients):
-            whole[self.optimizer.rows].copy_(block)
-        return super()._apply_gradients(params, self._row_gradients, clip)
 
     @torch.no_grad()
-    def _gather_rows(self) -> None:
+    def _gather_rows(self, own: slice) -> None:
         """After a prototype-split update: every rank gets all rows of W1, W2 and their AdaGrad sums (one all-gather
-        of each rank's block), so estimates, checkpoints and the next restart see the same state everywhere."""
+        of each rank's block `own`), so estimates, checkpoints and the next restart see the same state everywhere."""
         params = [self.text_prototypes, self.image_prototypes]
-        rank, world_size = rank_and_world_size()
-        own = row_blocks(self.num_prototypes, world_size)[rank]
         tensors = [*params, *(self.optimizer.state[p]["sum"] for p in params)]
         gathered = gather_no_grad(torch.cat([tensor.data[own] for tensor in tensors], dim=1))  # (m, 4 d) in rank order
         for tensor, block in zip(tensors, gathered.chunk(len(tensors), dim=1)):
@@ -429,14 +421,18 @@ class PrototypeNormalizer(NormalizerEstimator):
             fixed_shift = float(inputs.temperature) >= FIXED_SHIFT_MIN_TEMPERATURE if own_rows is not None else None
             diagnostics = {"restart": torch.tensor(float(restarted))}
             first = last = None
-            with self.rollback_if_nonfinite(params, diagnostics), self._stepping_rows(own_rows):
+            with self.rollback_if_nonfinite(params, diagnostics), self._stepping_rows(own_rows) as whole_gradients:
                 for _ in range(self.inner_steps):
                     value, gradients = self.objective_and_gradients(inputs, own_rows, fixed_shift)
+                    if whole_gradients is not None:  # this rank's rows, in the .grad tensors of the whole W1, W2
+                        for whole, block in zip(whole_gradients, gradients):
+                            whole[own_rows].copy_(block)
+                        gradients = whole_gradients
                     self._apply_gradients(params, gradients)
                     first = value if first is None else first
                     last = value
                 if own_rows is not None:
-                    self._gather_rows()
+                    self._gather_rows(own_rows)
             diagnostics.update(objective_first=first, objective_last=last)
             self.num_updates += 1
         return diagnostics

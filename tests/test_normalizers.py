@@ -501,3 +501,27 @@ def test_row_blocks_cover_the_rows_in_rank_order():
     assert row_blocks(8, 2) == [slice(0, 4), slice(4, 8)]
     assert row_blocks(2, 3) == [slice(0, 1), slice(1, 2), slice(2, 2)]  # more ranks than rows: an empty block
     assert row_blocks(5, 1) == [slice(0, 5)]
+
+
+def test_row_block_adagrad_steps_only_its_rows_as_torch_adagrad_would():
+    """With `rows` set, RowBlockAdagrad changes only those rows of the parameter and its accumulator, exactly as
+    torch's AdaGrad steps a parameter made of those rows; step hooks fire and a closure's loss is returned."""
+    start = torch.randn(5, 3, generator=torch.Generator().manual_seed(0))
+    gradient = torch.randn(5, 3, generator=torch.Generator().manual_seed(1))
+    param = torch.nn.Parameter(start.clone())
+    optimizer = normalizer_neuclip.RowBlockAdagrad([param], lr=0.1)
+    reference = torch.nn.Parameter(start[1:3].clone())
+    reference_optimizer = torch.optim.Adagrad([reference], lr=0.1)
+    hooks = []
+    optimizer.register_step_post_hook(lambda *args: hooks.append(1))
+    optimizer.rows = slice(1, 3)
+    for _ in range(2):
+        param.grad, reference.grad = gradient.clone(), gradient[1:3].clone()
+        assert optimizer.step(lambda: torch.tensor(7.0)) == 7.0
+        reference_optimizer.step()
+    assert hooks == [1, 1]
+    torch.testing.assert_close(param.data[1:3], reference.data, rtol=0, atol=0)
+    assert torch.equal(param.data[[0, 3, 4]], start[[0, 3, 4]])
+    torch.testing.assert_close(optimizer.state[param]["sum"][1:3], reference_optimizer.state[reference]["sum"],
+                               rtol=0, atol=0)
+    assert not optimizer.state[param]["sum"][[0, 3, 4]].any()
