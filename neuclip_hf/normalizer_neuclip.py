@@ -81,19 +81,21 @@ def log_sum_over_ranks(
 class RowBlockAdagrad(torch.optim.Adagrad):
     """`torch.optim.Adagrad` that, while `rows` is set, steps only those rows (a slice of dim 0) of every parameter
     and of its accumulator, reading only those rows of the gradients: NeuCLIP's prototype-split update, where each
-    rank owns a block of W's rows. Otherwise exactly torch's AdaGrad; step hooks fire either way."""
+    rank owns a block of W's rows. With `rows` None it steps the whole tensors, as torch's AdaGrad.
+
+    Both go through torch's functional `adagrad` here rather than `super().step()`: torch wraps each optimizer
+    class's `step` with the step hooks, so calling the parent's wrapped `step` would fire every hook twice.
+    """
 
     rows: slice | None = None
 
     @torch.no_grad()
     def step(self, closure=None):
-        if self.rows is None:
-            return super().step(closure)
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        rows = self.rows
+        rows = self.rows if self.rows is not None else slice(None)
         for group in self.param_groups:
             params, grads, sums, steps = [], [], [], []
             self._init_group(group, params, grads, sums, steps)  # torch's own (lazy) state creation

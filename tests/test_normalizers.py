@@ -515,13 +515,23 @@ def test_row_block_adagrad_steps_only_its_rows_as_torch_adagrad_would():
     hooks = []
     optimizer.register_step_post_hook(lambda *args: hooks.append(1))
     optimizer.rows = slice(1, 3)
-    for _ in range(2):
+    for _ in range(2):  # torch's AdaGrad class stepped first: its `step` is then hook-wrapped too (no double hooks)
         param.grad, reference.grad = gradient.clone(), gradient[1:3].clone()
-        assert optimizer.step(lambda: torch.tensor(7.0)) == 7.0
         reference_optimizer.step()
+        assert optimizer.step(lambda: torch.tensor(7.0)) == 7.0
     assert hooks == [1, 1]
     torch.testing.assert_close(param.data[1:3], reference.data, rtol=0, atol=0)
     assert torch.equal(param.data[[0, 3, 4]], start[[0, 3, 4]])
     torch.testing.assert_close(optimizer.state[param]["sum"][1:3], reference_optimizer.state[reference]["sum"],
                                rtol=0, atol=0)
     assert not optimizer.state[param]["sum"][[0, 3, 4]].any()
+    # Without rows: the whole tensor, as torch's AdaGrad (one hook call per step).
+    optimizer.rows = None
+    whole = torch.nn.Parameter(param.data.clone())
+    whole_optimizer = torch.optim.Adagrad([whole], lr=0.1)
+    whole_optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))  # not sharing the accumulators
+    param.grad, whole.grad = gradient.clone(), gradient.clone()
+    whole_optimizer.step()
+    optimizer.step()
+    assert hooks == [1, 1, 1]
+    torch.testing.assert_close(param.data, whole.data, rtol=0, atol=0)
