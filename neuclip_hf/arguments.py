@@ -26,6 +26,7 @@ from .images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE
 
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 RHO_SCHEDULE_UNITS = ("fraction", "epoch")
+RESUME_WITH_OTHER_LAYOUT = ("refuse", "next_epoch")
 
 
 @dataclass
@@ -228,6 +229,15 @@ class NeuCLIPTrainingArguments(TrainingArguments):
     max_consecutive_nonfinite: int = field(
         default=5, metadata={"help": "Stop after this many consecutive steps with a non-finite loss or estimate."}
     )
+    resume_with_other_layout: str = field(
+        default="refuse",
+        metadata={"help": "What resuming from a checkpoint written by another number of processes or DataLoader workers "
+                          "does with the data stream, whose saved positions are per rank and per worker: `refuse` (an "
+                          "error on every rank, naming both layouts) or `next_epoch` (the weights, optimizers, "
+                          "normalizer, schedules and data totals carry over; every rank starts the epoch after the "
+                          "newest one a saved rank had reached, so no sample is seen twice and the rest of the "
+                          "interrupted epoch is not seen). The global batch must stay the same either way."},
+    )
     fsdp_encoders: bool = field(
         default=False, metadata={"help": "Shard the encoders with torch's FSDP2 (each CLIP encoder layer one unit; "
                                          "the normalizer and logit_scale stay whole), instead of DDP. Needs a "
@@ -285,6 +295,9 @@ class NeuCLIPTrainingArguments(TrainingArguments):
         if self.rho_schedule_unit not in RHO_SCHEDULE_UNITS:
             raise ValueError(f"--rho_schedule_unit={self.rho_schedule_unit!r} is invalid: expected one of "
                              f"{RHO_SCHEDULE_UNITS}")
+        if self.resume_with_other_layout not in RESUME_WITH_OTHER_LAYOUT:
+            raise ValueError(f"--resume_with_other_layout={self.resume_with_other_layout!r} is invalid: expected one "
+                             f"of {RESUME_WITH_OTHER_LAYOUT}")
         if self.push_to_hub and self.hub_strategy in ("checkpoint", "all_checkpoints"):
             strategy = getattr(self.hub_strategy, "value", self.hub_strategy)
             raise ValueError(

@@ -138,6 +138,12 @@ class TemperatureThresholdLR:
         return self.factor if self.crossed else 1.0
 
 
+def describe_layout(layout: dict) -> str:
+    """A data layout (`StreamingDataLoader.layout`) in words."""
+    return (f"{layout['world_size']} process(es) x {layout['num_workers']} DataLoader worker(s), batch "
+            f"{layout['batch_size']} per process")
+
+
 class EndlessLoader:
     """A resumable loader iterated epoch after epoch as one endless stream.
 
@@ -390,23 +396,67 @@ class NeuCLIPTrainer(HubPushMixin, Trainer):
         if hasattr(stream_loader, "enforce_bad_limit") and stream is not None:
             stream_loader.enforce_bad_limit = False  # judged here on the totals of every rank (training_step)
             self._data_limits = (stream.max_bad_fraction, stream.bad_check_min_samples)
-        if self._resume_checkpoint is not None and hasattr(loader, "load_state_dict"):
-            rank, world_size = rank_and_world_size()
-            path = os.path.join(self._resume_checkpoint, DATA_STATE_NAME.format(rank=rank))
-            if os.path.isfile(path):
-                loader.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))  # a position: CPU
-                # The stream resumes from its saved position: the Trainer must not also skip batches, and the RNG
-                # state is restored at the first step, after the Trainer has created the data iterator (creating
-                # it draws from the global RNG).
-                self.args.ignore_data_skip = True
-                self._defer_rng_restore = True
-                logger.info(f"Restored the data stream position of rank {rank} from {path}")
-            else:
-                logger.warning(
-                    f"No data position for rank {rank} in {self._resume_checkpoint} (was the world size different?); "
-                    "the Trainer will skip the consumed batches by re-reading them."
-                )
+        if self._resume_checkpoint is not None and hasattr(stream_loader, "load_state_dict"):
+            self._resume_data_position(stream_loader)
         return loader
+
+    def _resume_data_position(self, loader) -> None:
+        """Restore this rank's data stream position from the checkpoint being resumed; or, when the checkpoint was
+        written with another layout (processes or workers) and `--resume_with_other_layout next_epoch` allows it,
+        start the next data epoch (`StreamingDataLoader.start_after`).
+
+        Every rank decides from the same files before any collective, so a refusal stops every rank with the same
+        message rather than leaving some waiting for the others.
+
+        Raises:
+            ValueError: another global batch, or another layout with `--resume_with_other_layout refuse`.
+        """
+        checkpoint, (rank, _) = self._resume_checkpoint, rank_and_world_size()
+
+        def saved_state(saved_rank: int) -> dict | None:
+            path = os.path.join(checkpoint, DATA_STATE_NAME.format(rank=saved_rank))
+            return torch.load(path, map_location="cpu", weights_only=True) if os.path.isfile(path) else None
+
+        own = saved_state(rank)
+        saved = (own if own is not None else saved_state(0) or {}).get("layout")
+        current = getattr(loader, "layout", None)
+        if saved is None or current is None or all(
+                saved[key] == current[key] for key in ("world_size", "num_workers", "batch_size")):
+            if own is None:
+                logger.warning(f"No data position for rank {rank} in {checkpoint}; the Trainer will skip the "
+                               "consumed batches by re-reading them.")
+                return
+            loader.load_state_dict(own)  # the same layout (or a loader that keeps none): resumes exactly
+            logger.info(f"Restored the data stream position of rank {rank} from {checkpoint}")
+        else:
+            saved_batch, batch = (layout["batch_size"] * layout["world_size"] for layout in (saved, current))
+            if saved_batch != batch:
+                raise ValueError(
+                    f"{checkpoint} was written with a global batch of {saved_batch} ({describe_layout(saved)}) and "
+                    f"this run has {batch} ({describe_layout(current)}). The objectives, the estimators and the "
+                    "epoch schedules are defined by the global batch: keep it, with --per_device_train_batch_size = "
+                    f"{saved_batch} / processes.")
+            if self.args.resume_with_other_layout == "refuse":
+                raise ValueError(
+                    f"{checkpoint} was written by {describe_layout(saved)} and this run has "
+                    f"{describe_layout(current)}: the saved data positions are per process and per worker, so they "
+                    "cannot carry over. Resume with the same layout, or pass --resume_with_other_layout next_epoch "
+                    "to keep everything else and start the next epoch of the data.")
+            states = [saved_state(r) for r in range(saved["world_size"])]
+            if any(state is None for state in states):
+                missing = [DATA_STATE_NAME.format(rank=r) for r, state in enumerate(states) if state is None]
+                raise ValueError(f"{checkpoint} lacks the data positions {', '.join(missing)} of its "
+                                 f"{saved['world_size']} processes")
+            epoch = loader.start_after(states, keep_totals=rank == 0)
+            if rank == 0:
+                logger.warning(f"Resuming with another data layout ({describe_layout(saved)} -> "
+                               f"{describe_layout(current)}): every process starts data epoch {epoch}; the rest of "
+                               f"epoch {epoch - 1} is not seen.")
+        # The stream goes on from its restored position or new epoch: the Trainer must not also skip batches, and
+        # the RNG state is restored at the first step, after the Trainer has created the data iterator (creating
+        # it draws from the global RNG).
+        self.args.ignore_data_skip = True
+        self._defer_rng_restore = True
 
     # -- optimizers -----------------------------------------------------------------------------------------------
     def get_decay_parameter_names(self, model) -> list[str]:

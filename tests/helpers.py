@@ -54,16 +54,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-# Two CPU processes over gloo (`--cpu --num_processes 2` would silently run one).
-TWO_CPU_PROCESSES = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                     "--mixed_precision", "no", "--dynamo_backend", "no"]
+def cpu_launch(num_processes: int) -> list[str]:
+    """`python` arguments of `accelerate launch` with `num_processes` CPU processes over gloo (`--cpu
+    --num_processes 2` would silently run one), on a free port."""
+    return ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(free_port())]
 
 
 def start_two_processes(script_and_args: list, log_path, cwd=None, env: dict | None = None) -> subprocess.Popen:
     """Start `accelerate launch` with 2 CPU processes, its stdout and stderr going to `log_path`; returns at once
-    (see `launch_two_processes`; the caller waits with a timeout and calls `kill_tree` on failure)."""
+    (see `launch_processes`; the caller waits with a timeout and calls `kill_tree` on failure)."""
     env = {**(os.environ if env is None else env), "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, *TWO_CPU_PROCESSES, "--main_process_port", str(free_port()), *map(str, script_and_args)]
+    command = [sys.executable, *cpu_launch(2), *map(str, script_and_args)]
     with open(log_path, "w") as log:  # a file, not a pipe: a long run's output never blocks it
         return subprocess.Popen(command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
 
@@ -100,9 +103,10 @@ def kill_tree(launcher: subprocess.Popen) -> None:
     psutil.wait_procs(tree, timeout=30)
 
 
-def launch_two_processes(script_and_args: list, timeout: float, cwd=None, env: dict | None = None
-                         ) -> subprocess.CompletedProcess:
-    """Run `accelerate launch` with 2 CPU processes; a run that outlives `timeout` seconds FAILS the test.
+def launch_processes(script_and_args: list, timeout: float, cwd=None, env: dict | None = None,
+                     num_processes: int = 2) -> subprocess.CompletedProcess:
+    """Run `accelerate launch` with `num_processes` CPU processes; a run that outlives `timeout` seconds FAILS the
+    test.
 
     A hang (ranks waiting in different collectives) is the failure this guards against: on timeout the launcher and
     every process below it are killed (the workers run in their own sessions, so killing the launcher's process
@@ -114,9 +118,10 @@ def launch_two_processes(script_and_args: list, timeout: float, cwd=None, env: d
         timeout: Seconds before the run counts as hung.
         cwd: Working directory of the launch.
         env: The environment (default: this process's); `ACCELERATE_USE_CPU` and `OMP_NUM_THREADS` are set on it.
+        num_processes: Processes (2: this machine has 2 cores; 4 for a resume at another world size).
     """
     env = {**(os.environ if env is None else env), "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, *TWO_CPU_PROCESSES, "--main_process_port", str(free_port()), *map(str, script_and_args)]
+    command = [sys.executable, *cpu_launch(num_processes), *map(str, script_and_args)]
     process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         stdout, stderr = process.communicate(timeout=timeout)

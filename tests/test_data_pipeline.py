@@ -134,6 +134,31 @@ def test_resume_refuses_another_layout(tmp_path, proc):
         loader_for(proc, spec, batch_size=2, num_workers=2).load_state_dict(state["loader"])
 
 
+def test_start_after_another_layout_begins_the_next_epoch_and_keeps_the_totals(tmp_path, proc):
+    write_parquet(tmp_path, shards=2, per_shard=8, bad={3: "caption_empty"})
+    spec = str(tmp_path / "*.parquet")
+    saved = []
+    for epoch in (0, 1):  # two saved workers' layouts at different epochs, part-way through
+        loader = loader_for(proc, spec, batch_size=2, num_workers=2, max_bad_fraction=1.0)
+        loader.set_epoch(epoch)
+        list(itertools.islice(iter(loader), 3))
+        saved.append(loader.state_dict())
+    read = sum(state["totals"]["read"] for state in saved)
+    assert read > 0 and sum(state["totals"]["bad"].get("caption_empty", 0) for state in saved) == 2
+
+    resumed = loader_for(proc, spec, batch_size=4, num_workers=1, max_bad_fraction=1.0)  # another layout
+    assert resumed.start_after(saved, keep_totals=True) == 2  # after the newest saved epoch
+    fresh = loader_for(proc, spec, batch_size=4, num_workers=1, max_bad_fraction=1.0)
+    fresh.set_epoch(2)
+    assert resumed.epoch == 2 and collect_ids(resumed) == collect_ids(fresh)  # the whole of epoch 2, from its start
+    assert resumed.totals.read == read + 16 and resumed.totals.bad["caption_empty"] == 2 + 1
+    other = loader_for(proc, spec, batch_size=4, num_workers=1)
+    other.start_after(saved, keep_totals=False)  # the other ranks of the new layout keep no old totals
+    assert other.totals.read == 0 and other.epoch == 2
+    with pytest.raises(ValueError, match="not a StreamingDataLoader state"):
+        other.start_after([saved[0]["loader"]], keep_totals=False)
+
+
 def test_resume_mid_epoch_after_set_epoch(tmp_path, proc):
     write_parquet(tmp_path, shards=2, per_shard=12)
     spec = str(tmp_path / "*.parquet")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import kill_tree, launch_two_processes, rank_processes, start_two_processes
+from helpers import kill_tree, launch_processes, rank_processes, start_two_processes
 
 from neuclip_hf import NeuCLIPModel
 from neuclip_hf.checkpointing import MARKER, is_complete_checkpoint, last_complete_checkpoint
@@ -92,10 +92,10 @@ def chain(tmp_path_factory):
     result["kill_steps"] = complete_steps(out)
 
     # 3. Resumed again, at full speed, to the end; 4. the same run uninterrupted.
-    done = launch_two_processes([ROOT / "recipes" / "train.py", *ARGS, "--output_dir", out,
+    done = launch_processes([ROOT / "recipes" / "train.py", *ARGS, "--output_dir", out,
                                  "--resume_from_checkpoint", "true"], timeout=600, cwd=ROOT, env=env())
     result["final"] = done
-    reference = launch_two_processes([ROOT / "recipes" / "train.py", *ARGS, "--output_dir", tmp / "reference"],
+    reference = launch_processes([ROOT / "recipes" / "train.py", *ARGS, "--output_dir", tmp / "reference"],
                                      timeout=600, cwd=ROOT, env=env())
     result["reference"] = reference
     result["reference_out"] = tmp / "reference"

@@ -5,15 +5,21 @@ scalar `logit_scale` stay whole (`fsdp_replicated_parameters`). After the same s
 a sharded torch.distributed.checkpoint saved mid-run and resumed in a new launch ends where the straight run ends;
 in a custom loop (tests/scripts/fsdp_vs_ddp.py) and through recipes/train.py --fsdp_encoders true
 (tests/scripts/fsdp_recipe_runs.py: DDP, FSDP and FSDP resumed, in one launch).
+
+Those 2-process checkpoints are also resumed at another world size (4 processes, and 1 for DDP) at the same global
+batch: refused without `--resume_with_other_layout next_epoch`, continued with it (tests/scripts/
+resume_other_layout.py); the custom loop's FSDP2 checkpoint resumed on 4 processes ends where the 2-process run ends.
 """
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import launch_two_processes, tiny_config
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+from helpers import launch_processes, tiny_config
 
 from neuclip_hf import NeuCLIPModel
 from neuclip_hf.distributed import average_replicated_gradients_, fsdp_replicated_parameters
@@ -21,6 +27,7 @@ from neuclip_hf.distributed import average_replicated_gradients_, fsdp_replicate
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = Path(__file__).parent / "scripts" / "fsdp_vs_ddp.py"
 RECIPE_RUNS = Path(__file__).parent / "scripts" / "fsdp_recipe_runs.py"
+OTHER_LAYOUT_RUNS = Path(__file__).parent / "scripts" / "resume_other_layout.py"
 TIMEOUT = 240  # seconds per launch; one takes ~20 s on 2 idle cores, so only a hang reaches it
 RECIPE_TIMEOUT = 480  # the three recipe runs take ~30 s on 2 idle cores
 STEPS, SAVE_AT = 4, 2
@@ -33,11 +40,12 @@ RECIPE_FLAGS = ["--per_device_train_batch_size", "16", "--eval_max_samples", "64
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp")
-    for extra in ([], ["--resume"]):
-        done = launch_two_processes([SCRIPT, out, STEPS, SAVE_AT, *extra], timeout=TIMEOUT)
+    for extra, processes in (([], 2), (["--resume"], 2), (["--resume"], 4)):
+        done = launch_processes([SCRIPT, out, STEPS, SAVE_AT, *extra], timeout=TIMEOUT, num_processes=processes)
         assert done.returncode == 0, done.stderr[-6000:]
-        assert "world size 2" in done.stdout
-    return {name: torch.load(out / f"{name}.pt", weights_only=True) for name in ("ddp", "fsdp", "resumed")}
+        assert f"world size {processes}" in done.stdout
+    return {name: torch.load(out / f"{name}.pt", weights_only=True)
+            for name in ("ddp", "fsdp", "resumed", "resumed_w4")}
 
 
 @pytest.mark.slow
@@ -57,6 +65,20 @@ def test_fsdp_equals_ddp_after_the_same_steps(runs):
 def test_fsdp_checkpoint_resumes_exactly(runs):
     for name, value in runs["fsdp"].items():
         torch.testing.assert_close(runs["resumed"][name], value, atol=0, rtol=0, msg=name)
+
+
+@pytest.mark.slow
+def test_fsdp_checkpoint_from_2_ranks_resumes_on_4(runs):
+    # The same global batch, split 4 ways: the re-sharded encoders and AdamW state continue the 2-rank run (the
+    # order of the reductions differs, hence a tolerance).
+    assert set(runs["resumed_w4"]) == set(runs["fsdp"])
+    for name, value in runs["fsdp"].items():
+        if name.endswith("self_attn.k_proj.bias"):
+            # Its exact gradient is zero (a key bias adds q . b_k to every logit of a query: softmax ignores it), so
+            # AdamW steps it by up to lr on rounding noise, whose sign depends on the reduction order.
+            assert (runs["resumed_w4"][name] - value).abs().max() <= 2 * (STEPS - SAVE_AT) * 1e-3, name
+            continue
+        torch.testing.assert_close(runs["resumed_w4"][name], value, atol=1e-5, rtol=1e-5, msg=name)
 
 
 def test_replicated_parameters_are_the_normalizer_and_the_scalars():
@@ -106,7 +128,7 @@ def recipe_runs(tmp_path_factory):
 
     prepare_default_data()  # the embedded data's cache, before two ranks would race to build it
     out = tmp_path_factory.mktemp("fsdp_recipe")
-    done = launch_two_processes([RECIPE_RUNS, out, STEPS, SAVE_AT, *RECIPE_FLAGS], timeout=RECIPE_TIMEOUT, cwd=ROOT,
+    done = launch_processes([RECIPE_RUNS, out, STEPS, SAVE_AT, *RECIPE_FLAGS], timeout=RECIPE_TIMEOUT, cwd=ROOT,
                                 env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-6000:]
     assert "three runs done, world size 2" in done.stdout
@@ -166,3 +188,61 @@ def test_recipe_fsdp_encoders_resume_equals_straight_run(recipe_runs):
     for index in a:
         for key, value in a[index].items():
             torch.testing.assert_close(b[index][key], value, atol=1e-5, rtol=1e-5, msg=f"{index}.{key}")
+
+
+# -- resuming the 2-process checkpoints at another world size (same global batch of 32) ----------------------------
+@pytest.fixture(scope="module")
+def other_layout_runs(recipe_runs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("other_layout")
+    done = launch_processes([OTHER_LAYOUT_RUNS, recipe_runs, out, STEPS, SAVE_AT, *RECIPE_FLAGS], num_processes=4,
+                            timeout=RECIPE_TIMEOUT, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-6000:]
+    assert "resumed at world size 4" in done.stdout
+    sys.path.insert(0, str(ROOT / "recipes"))
+    import train as train_recipe
+
+    # One process from the same 2-process checkpoint (its rank 0 finds a data position of the other layout).
+    train_recipe.main([str(ROOT / "recipes" / "configs" / "default.yaml"), "--max_steps", str(STEPS), "--save_steps",
+                       str(SAVE_AT), *RECIPE_FLAGS, "--per_device_train_batch_size", "32",
+                       "--resume_with_other_layout", "next_epoch", "--output_dir", str(out / "ddp_w1"),
+                       "--resume_from_checkpoint", str(recipe_runs / "ddp" / f"checkpoint-{SAVE_AT}")])
+    return out, done.stdout
+
+
+@pytest.mark.slow
+def test_resume_at_another_layout_is_refused_by_every_rank_with_one_message(other_layout_runs, recipe_runs):
+    checkpoint = recipe_runs / "ddp" / f"checkpoint-{SAVE_AT}"
+    saved = "2 process(es) x 0 DataLoader worker(s), batch 16 per process"
+    layout = (f"{checkpoint} was written by {saved} and this run has 4 process(es) x 0 DataLoader worker(s), batch 8 "
+              "per process: the saved data positions are per process and per worker, so they cannot carry over. "
+              "Resume with the same layout, or pass --resume_with_other_layout next_epoch to keep everything else "
+              "and start the next epoch of the data.")
+    batch = (f"{checkpoint} was written with a global batch of 32 ({saved}) and this run has 16 (4 process(es) x 0 "
+             "DataLoader worker(s), batch 4 per process). The objectives, the estimators and the epoch schedules are "
+             "defined by the global batch: keep it, with --per_device_train_batch_size = 32 / processes.")
+    refusals = [line for line in other_layout_runs[1].splitlines() if " refused: " in line]
+    assert sorted(refusals) == sorted(f"rank {rank} refused: {message}" for rank in range(4)
+                                      for message in (layout, batch))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run, processes", [("ddp_w4", 4), ("fsdp_w4", 4), ("ddp_w1", 1)])
+def test_resume_at_another_world_size_continues_the_run(other_layout_runs, run, processes):
+    out = other_layout_runs[0] / run
+    final = out / f"checkpoint-{STEPS}"
+    assert json.loads((final / "trainer_state.json").read_text())["global_step"] == STEPS
+    assert int(NeuCLIPModel.from_pretrained(out).normalizer.num_updates) == STEPS  # the normalizer carried over
+    # The encoder optimizer carried over: AdamW has taken all STEPS steps (re-sharded from 2 DCP shards for FSDP2).
+    if run.startswith("fsdp"):
+        assert len(list((final / "optimizer_fsdp").glob("*.distcp"))) == processes
+        dcp_to_torch_save(final / "optimizer_fsdp", out / "optimizer_full.pt")
+        state = torch.load(out / "optimizer_full.pt", weights_only=True)["optimizer"]["state"]
+    else:
+        state = torch.load(final / "optimizer.pt", weights_only=True)["state"]
+    assert {float(entry["step"]) for entry in state.values()} == {float(STEPS)}
+    # Every process started the next data epoch; the run-wide data totals carried over (2 x 32 samples read before
+    # the resume, then STEPS - SAVE_AT steps of the global batch of 32).
+    data = [torch.load(final / f"data_state_rank{rank}.pt", weights_only=True) for rank in range(processes)]
+    assert [state["epoch"] for state in data] == [1] * processes
+    assert {state["layout"]["world_size"] for state in data} == {processes}
+    assert sum(state["totals"]["read"] for state in data) == 2 * SAVE_AT * 16 + (STEPS - SAVE_AT) * 32

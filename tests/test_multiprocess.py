@@ -7,7 +7,7 @@
   normalizer's state and optimizer state, the encoder optimizer, each rank's data position), and the resume names
   its checkpoint and step.
 
-Every launch has a hard timeout that fails the test and kills every process of the run (`launch_two_processes`).
+Every launch has a hard timeout that fails the test and kills every process of the run (`launch_processes`).
 Runs use relative output directories inside a temporary working directory, as a user would type them.
 """
 
@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from fake_hub import hub_env, module_hub  # noqa: F401  (pytest fixture)
-from helpers import launch_two_processes
+from helpers import launch_processes
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 
@@ -47,7 +47,7 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 def train(workdir: Path, output_dir: str, max_steps: int, *extra: str, env: dict | None = None):
     """One 2-process recipe run in `workdir`; asserts it finished with exit code 0 on 2 processes."""
     env = env if env is not None else {**os.environ, "PYTHONPATH": str(ROOT)}
-    done = launch_two_processes([RECIPE, CONFIG, "--output_dir", output_dir, "--max_steps", str(max_steps), *TINY,
+    done = launch_processes([RECIPE, CONFIG, "--output_dir", output_dir, "--max_steps", str(max_steps), *TINY,
                                  *extra], TIMEOUT, cwd=workdir, env=env)
     assert done.returncode == 0, f"exit code {done.returncode}\n{done.stdout[-2000:]}\n{done.stderr[-6000:]}"
     assert "zero-shot top-1 accuracy" in done.stdout and "model and processor saved to" in done.stdout

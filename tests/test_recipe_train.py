@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import launch_two_processes
+from helpers import launch_processes
 from transformers import AutoProcessor
 
 from neuclip_hf import NeuCLIPModel
@@ -100,7 +100,7 @@ def test_two_process_recipe_run(tmp_path):
     command = [ROOT / "recipes" / "train.py", CONFIG, "--output_dir", out, "--max_steps", "4", "--save_steps", "4",
                "--per_device_train_batch_size", "16", "--eval_max_samples", "64", "--dataloader_num_workers", "0",
                *FAST]
-    done = launch_two_processes(command, timeout=600, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    done = launch_processes(command, timeout=600, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     checkpoint = out / "checkpoint-4"
     marker = json.loads((checkpoint / "neuclip_checkpoint.json").read_text())

@@ -228,6 +228,8 @@ def test_repeated_nonfinite_steps_stop_training(tmp_path):
         (dict(max_consecutive_nonfinite=0), "--max_consecutive_nonfinite=0"),
         (dict(rho_schedule_unit="steps"), r"--rho_schedule_unit='steps' is invalid: expected one of \('fraction', "
                                           r"'epoch'\)"),
+        (dict(resume_with_other_layout="rewind"), r"--resume_with_other_layout='rewind' is invalid: expected one of "
+                                                  r"\('refuse', 'next_epoch'\)"),
     ],
 )
 def test_bad_training_arguments(tmp_path, overrides, message):

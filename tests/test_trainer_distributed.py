@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import launch_two_processes
+from helpers import launch_processes
 
 pytestmark = pytest.mark.slow  # slow tier: multi-process runs
 
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow  # a 2-process run
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
     (out / "two").mkdir()
-    done = launch_two_processes([SCRIPT, "--out", out / "two", "--objectives", *OBJECTIVES], timeout=600)
+    done = launch_processes([SCRIPT, "--out", out / "two", "--objectives", *OBJECTIVES], timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     (out / "one").mkdir()
     one = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out / "one"), "--objectives", *OBJECTIVES],

@@ -228,8 +228,8 @@ class StreamingDataLoader(StatefulDataLoader):
 
     `state_dict()` holds every worker's stream position, the epoch, the layout (rank, world size, workers,
     batch size) and the data totals; `load_state_dict()` before the next `iter()` resumes exactly there, and
-    refuses a state saved with another layout (the positions are per rank and per worker). `set_epoch(e)` starts
-    epoch `e` at the next `iter()`.
+    refuses a state saved with another layout (the positions are per rank and per worker); `start_after()` continues
+    from the states of another layout at the next epoch. `set_epoch(e)` starts epoch `e` at the next `iter()`.
 
     Bad data: the workers' counts are added up in `totals` (a `DataTotals`, over the whole run, resumed with the
     position); each batch's `data_stats` holds what the loader received since its previous batch (the workers'
@@ -295,10 +295,34 @@ class StreamingDataLoader(StatefulDataLoader):
         return {"epoch": self.stream.epoch, "layout": dict(self.layout), "loader": super().state_dict(),
                 "totals": self.totals.state_dict()}
 
-    def load_state_dict(self, state_dict: dict) -> None:
+    @staticmethod
+    def _check_state(state_dict: dict) -> None:
         if not {"epoch", "layout", "loader"} <= set(state_dict) <= {"epoch", "layout", "loader", "totals"}:
             raise ValueError(f"not a StreamingDataLoader state: keys {sorted(state_dict)}, "
                              "expected ['epoch', 'layout', 'loader', 'totals']")
+
+    def start_after(self, saved_states: list[dict], keep_totals: bool) -> int:
+        """Continue a run whose data positions were saved with another layout (other ranks or workers), from the
+        `state_dict()` of every saved rank: the positions themselves cannot carry over (each is per rank and per
+        worker), so this loader starts the epoch after the newest epoch any saved rank had reached (no sample is
+        seen twice; the rest of the interrupted epoch is not seen). With `keep_totals` (one rank of the new run) the
+        saved ranks' data totals are added into this loader's, so the run-wide bad-sample counts carry over.
+
+        Returns:
+            The epoch this loader starts.
+        """
+        for state in saved_states:
+            self._check_state(state)
+        epoch = max(int(state["epoch"]) for state in saved_states) + 1
+        self.stream.set_epoch(epoch)
+        if keep_totals:
+            for state in saved_states:
+                if "totals" in state:
+                    self.totals.merge_state(state["totals"])
+        return epoch
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._check_state(state_dict)
         if state_dict["layout"] != self.layout:
             raise ValueError(f"the data position was saved with {state_dict['layout']} but this loader has "
                              f"{self.layout}; resume with the same ranks, workers and batch size")

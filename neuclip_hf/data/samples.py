@@ -498,6 +498,14 @@ class DataTotals:
         return {"read": self.read, "bad": dict(self.bad), "read_by_shard": dict(self.read_by_shard),
                 "bad_by_shard": dict(self.bad_by_shard), "last_bad": self.last_bad}
 
+    def merge_state(self, state: dict) -> None:
+        """Add another loader's saved totals (`state_dict()`) to these."""
+        self.read += int(state["read"])
+        self.bad.update(state["bad"])
+        self.read_by_shard.update(state["read_by_shard"])
+        self.bad_by_shard.update(state["bad_by_shard"])
+        self.last_bad = state["last_bad"] or self.last_bad
+
     def load_state_dict(self, state: dict) -> None:
         self.read, self.bad = int(state["read"]), Counter(state["bad"])
         self.read_by_shard, self.bad_by_shard = Counter(state["read_by_shard"]), Counter(state["bad_by_shard"])

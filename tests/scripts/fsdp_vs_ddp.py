@@ -3,7 +3,9 @@ an FSDP2 checkpoint (torch.distributed.checkpoint, sharded) saved mid-run and re
 
     fsdp_vs_ddp.py OUT_DIR STEPS SAVE_AT            # DDP run, FSDP2 run (saves a checkpoint after SAVE_AT steps)
     fsdp_vs_ddp.py OUT_DIR STEPS SAVE_AT --resume   # FSDP2 from that checkpoint to STEPS
-Rank 0 writes the full weights of each run to OUT_DIR/{ddp,fsdp,resumed}.pt.
+Rank 0 writes the full weights of each run to OUT_DIR/{ddp,fsdp,resumed}.pt. The resume may run on 4 processes
+(`resumed_w4.pt`): the global batch is the same, each rank takes its slice of it, and torch.distributed.checkpoint
+re-shards the 2-rank checkpoint.
 """
 
 import os
@@ -34,7 +36,7 @@ from neuclip_hf.distributed import (  # noqa: E402
 BATCH = 8
 
 
-def build(sharded: bool):
+def build(sharded: bool, world: int):
     torch.manual_seed(0)
     model = NeuCLIPModel(tiny_config("neuclip", neuclip_num_prototypes=16, neuclip_inner_steps=2,
                                      neuclip_restart_period=3))
@@ -46,7 +48,7 @@ def build(sharded: bool):
         assert kinds["text_projection.weight"] == "DTensor", kinds
         assert kinds["logit_scale"] == kinds["normalizer.text_prototypes"] == "Parameter", kinds
         fc1 = dict(model.named_parameters())["vision_model.encoder.layers.0.mlp.fc1.weight"]
-        assert fc1.to_local().shape[0] * 2 == fc1.shape[0], (fc1.to_local().shape, fc1.shape)
+        assert fc1.to_local().shape[0] == -(-fc1.shape[0] // world), (fc1.to_local().shape, fc1.shape)
     # The encoders' optimizer, built after sharding (FSDP2 replaces the parameters by DTensors).
     estimator = {id(p) for p in model.normalizer.estimator_parameters()}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad and id(p) not in estimator],
@@ -82,17 +84,17 @@ def main() -> None:
     resume = "--resume" in sys.argv
     accelerator = Accelerator()
     rank, world = accelerator.process_index, accelerator.num_processes
-    assert world == 2 and dist.get_backend() == "gloo", (world, dist.get_backend())
+    assert (world == 2 or resume) and dist.get_backend() == "gloo", (world, dist.get_backend())
     checkpoint = os.path.join(out_dir, "checkpoint")
     if not resume:
-        model, optimizer = build(sharded=False)
+        model, optimizer = build(sharded=False, world=world)
         ddp = accelerator.prepare_model(model)
         train(model, ddp, optimizer, range(steps), False, rank, world)
         weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
         if rank == 0:
             torch.save(weights, os.path.join(out_dir, "ddp.pt"))
 
-        model, optimizer = build(sharded=True)
+        model, optimizer = build(sharded=True, world=world)
 
         def save(done: int) -> None:
             if done == save_at:  # sharded save: every rank writes its own shards
@@ -103,7 +105,7 @@ def main() -> None:
         train(model, model, optimizer, range(steps), True, rank, world, on_step=save)
         name = "fsdp.pt"
     else:
-        model, optimizer = build(sharded=True)
+        model, optimizer = build(sharded=True, world=world)
         state = checkpoint_state(model, optimizer)
         dcp.load(state, checkpoint_id=checkpoint)
         set_model_state_dict(model, state["model"])
@@ -111,7 +113,7 @@ def main() -> None:
         model.normalizer.optimizer.load_state_dict(torch.load(os.path.join(out_dir, "normalizer_opt.pt"),
                                                               weights_only=True))
         train(model, model, optimizer, range(save_at, steps), True, rank, world)
-        name = "resumed.pt"
+        name = "resumed.pt" if world == 2 else f"resumed_w{world}.pt"
     weights = full_weights(model)
     if rank == 0:
         torch.save(weights, os.path.join(out_dir, name))
