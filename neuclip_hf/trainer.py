@@ -32,15 +32,20 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from contextlib import contextmanager
 from typing import Any, Callable
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
 from transformers import Trainer, TrainerCallback
 from transformers.optimization import get_scheduler
-from transformers.trainer import SCHEDULER_NAME
+from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
 from transformers.trainer_utils import rotate_checkpoints
 from transformers.utils import logging
 from transformers.utils.logging import disable_progress_bar, enable_progress_bar, is_progress_bar_enabled
@@ -136,6 +141,26 @@ class TemperatureThresholdLR:
 
     def __call__(self, step: int) -> float:
         return self.factor if self.crossed else 1.0
+
+
+def optimizer_state_by_name(saved: dict, optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> dict:
+    """A `torch.optim` state dict keyed by parameter index (`optimizer.pt`) keyed by parameter name instead, as
+    `set_optimizer_state_dict` takes it. The saving run built its optimizer from the same model with the same groups,
+    so the i-th parameter of each saved group is the i-th parameter of the same group of `optimizer`.
+
+    Raises:
+        ValueError: the saved groups do not have the sizes of `optimizer`'s (another model or optimizer set-up).
+    """
+    names = {id(param): name for name, param in model.named_parameters()}
+    sizes = [len(group["params"]) for group in saved["param_groups"]]
+    if sizes != [len(group["params"]) for group in optimizer.param_groups]:
+        raise ValueError(f"the saved encoder optimizer has parameter groups of sizes {sizes}, this run's "
+                         f"{[len(group['params']) for group in optimizer.param_groups]}: another model or set-up")
+    name_of = {index: names[id(param)] for saved_group, group in zip(saved["param_groups"], optimizer.param_groups)
+               for index, param in zip(saved_group["params"], group["params"])}
+    return {"state": {name_of[index]: value for index, value in saved["state"].items()},
+            "param_groups": [{**group, "params": [name_of[index] for index in group["params"]]}
+                             for group in saved["param_groups"]]}
 
 
 def describe_layout(layout: dict) -> str:
@@ -726,14 +751,10 @@ class NeuCLIPTrainer(HubPushMixin, Trainer):
             torch.save(state, os.path.join(output_dir, NORMALIZER_STATE_NAME))
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
-        if checkpoint is not None and self.encoders_sharded:
-            sharded_dir = os.path.join(checkpoint, FSDP_OPTIMIZER_DIR)
-            if not os.path.isdir(sharded_dir):
-                raise ValueError(f"{checkpoint} has no {FSDP_OPTIMIZER_DIR}/: it was not saved with --fsdp_encoders "
-                                 "true, so the sharded encoder optimizer cannot be resumed from it")
-            state = {"optimizer": get_optimizer_state_dict(self.model, self.optimizer)}
-            dcp.load(state, checkpoint_id=sharded_dir)  # each rank reads its own shards
-            set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"])
+        sharded_dir = os.path.join(checkpoint, FSDP_OPTIMIZER_DIR) if checkpoint is not None else None
+        if checkpoint is not None and (self.encoders_sharded or os.path.isdir(sharded_dir)):
+            # A sharded run, or a DDP / one-process run resuming an FSDP2 checkpoint: the formats differ.
+            self._load_encoder_optimizer_across_formats(checkpoint, sharded_dir)
             self.lr_scheduler.load_state_dict(torch.load(os.path.join(checkpoint, SCHEDULER_NAME), weights_only=True))
         else:
             super()._load_optimizer_and_scheduler(checkpoint)
@@ -751,6 +772,28 @@ class NeuCLIPTrainer(HubPushMixin, Trainer):
         normalizer.optimizer.load_state_dict(state["optimizer"])
         if self.normalizer_scheduler is not None and "scheduler" in state:
             self.normalizer_scheduler.load_state_dict(state["scheduler"])
+
+    def _load_encoder_optimizer_across_formats(self, checkpoint: str, sharded_dir: str) -> None:
+        """Load the encoder optimizer's state from either format into either kind of run: DCP shards
+        (`optimizer_fsdp/`, written by an FSDP2 run) are re-sharded to this run's mesh or, for an unsharded run,
+        read whole; a DDP / one-process `optimizer.pt` (keyed by parameter index) is keyed by parameter name and
+        scattered into this run's shards."""
+        full_file = os.path.join(checkpoint, OPTIMIZER_NAME)
+        if os.path.isdir(sharded_dir):
+            state = {"optimizer": get_optimizer_state_dict(self.model, self.optimizer)}
+            # Each rank reads the chunks it holds; one process without a process group reads them all (torch warns
+            # that it assumes so: intended here).
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+                dcp.load(state, checkpoint_id=sharded_dir, no_dist=not torch.distributed.is_initialized())
+            set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"])
+            return
+        if not os.path.isfile(full_file):
+            raise ValueError(f"{checkpoint} has neither {OPTIMIZER_NAME} nor {FSDP_OPTIMIZER_DIR}/: the encoder "
+                             "optimizer cannot be resumed from it")
+        saved = torch.load(full_file, map_location="cpu", weights_only=True)
+        named = optimizer_state_by_name(saved, self.optimizer, self.model)
+        set_optimizer_state_dict(self.model, self.optimizer, named, options=StateDictOptions(full_state_dict=True))
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         if state_dict is None and self.encoders_sharded:

@@ -4,7 +4,8 @@ The encoders are sharded with torch's `fully_shard` (each CLIP encoder layer one
 scalar `logit_scale` stay whole (`fsdp_replicated_parameters`). After the same steps both give the same weights, and
 a sharded torch.distributed.checkpoint saved mid-run and resumed in a new launch ends where the straight run ends;
 in a custom loop (tests/scripts/fsdp_vs_ddp.py) and through recipes/train.py --fsdp_encoders true
-(tests/scripts/fsdp_recipe_runs.py: DDP, FSDP and FSDP resumed, in one launch).
+(tests/scripts/fsdp_recipe_runs.py: DDP, FSDP and FSDP resumed, and each format's checkpoint resumed by the other
+kind of run, in one launch).
 
 Those 2-process checkpoints are also resumed at another world size (4 processes, and 1 for DDP) at the same global
 batch: refused without `--resume_with_other_layout next_epoch`, continued with it (tests/scripts/
@@ -19,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-from helpers import launch_processes, tiny_config
+from helpers import launch_processes, tiny_batch, tiny_config
 
 from neuclip_hf import NeuCLIPModel
 from neuclip_hf.distributed import average_replicated_gradients_, fsdp_replicated_parameters
@@ -29,7 +30,7 @@ SCRIPT = Path(__file__).parent / "scripts" / "fsdp_vs_ddp.py"
 RECIPE_RUNS = Path(__file__).parent / "scripts" / "fsdp_recipe_runs.py"
 OTHER_LAYOUT_RUNS = Path(__file__).parent / "scripts" / "resume_other_layout.py"
 TIMEOUT = 240  # seconds per launch; one takes ~20 s on 2 idle cores, so only a hang reaches it
-RECIPE_TIMEOUT = 480  # the three recipe runs take ~30 s on 2 idle cores
+RECIPE_TIMEOUT = 480  # the five recipe runs take ~45 s on 2 idle cores
 STEPS, SAVE_AT = 4, 2
 MAX_GRAD_NORM = 0.05  # below every step's gradient norm (1.0-1.8 here): clipping acts at every step
 RECIPE_FLAGS = ["--per_device_train_batch_size", "16", "--eval_max_samples", "64", "--dataloader_num_workers", "0",
@@ -89,6 +90,32 @@ def test_replicated_parameters_are_the_normalizer_and_the_scalars():
         assert set(fsdp_replicated_parameters(NeuCLIPModel(tiny_config(objective)))) == expected, objective
 
 
+def test_optimizer_state_by_name_matches_torch_named_state():
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    from neuclip_hf.trainer import optimizer_state_by_name
+
+    torch.manual_seed(0)
+    model = NeuCLIPModel(tiny_config("clip"))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW([{"params": params[:5]}, {"params": params[5:], "weight_decay": 0.0}], lr=1e-3)
+    model(**tiny_batch(4), return_loss=True).loss.backward()
+    optimizer.step()
+    named = optimizer_state_by_name(optimizer.state_dict(), optimizer, model)
+    expected = get_optimizer_state_dict(model, optimizer)  # torch's own keying by parameter name
+    assert named["state"].keys() == expected["state"].keys() and len(named["state"]) == len(params)
+    for name, state in expected["state"].items():
+        for key, value in state.items():
+            assert torch.equal(named["state"][name][key], value), (name, key)
+    assert [group["params"] for group in named["param_groups"]] == [group["params"]
+                                                                     for group in expected["param_groups"]]
+    other = torch.optim.AdamW([{"params": params[:4]}, {"params": params[4:]}], lr=1e-3)
+    with pytest.raises(ValueError) as error:
+        optimizer_state_by_name(optimizer.state_dict(), other, model)
+    assert str(error.value) == (f"the saved encoder optimizer has parameter groups of sizes [5, {len(params) - 5}], "
+                                f"this run's [4, {len(params) - 4}]: another model or set-up")
+
+
 def test_averaging_replicated_gradients_is_a_no_op_without_sharding():
     model = NeuCLIPModel(tiny_config("clip"))
     model.logit_scale.grad = torch.tensor(3.0)
@@ -131,7 +158,7 @@ def recipe_runs(tmp_path_factory):
     done = launch_processes([RECIPE_RUNS, out, STEPS, SAVE_AT, *RECIPE_FLAGS], timeout=RECIPE_TIMEOUT, cwd=ROOT,
                                 env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-6000:]
-    assert "three runs done, world size 2" in done.stdout
+    assert "five runs done, world size 2" in done.stdout
     return out
 
 
@@ -190,6 +217,17 @@ def test_recipe_fsdp_encoders_resume_equals_straight_run(recipe_runs):
             torch.testing.assert_close(b[index][key], value, atol=1e-5, rtol=1e-5, msg=f"{index}.{key}")
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("run, straight", [("fsdp_to_ddp", "fsdp"), ("ddp_to_fsdp", "ddp")])
+def test_recipe_resume_across_ddp_and_fsdp_equals_the_straight_run(recipe_runs, run, straight):
+    # The encoder optimizer's state crosses formats (DCP shards read whole by DDP, DDP's optimizer.pt sharded by
+    # FSDP2): the run ends where the straight run that wrote the checkpoint ends.
+    _assert_same_weights(NeuCLIPModel.from_pretrained(recipe_runs / straight).state_dict(),
+                         NeuCLIPModel.from_pretrained(recipe_runs / run).state_dict())
+    torch.testing.assert_close(torch.tensor(_logged_grad_norms(recipe_runs / run)),
+                               torch.tensor(_logged_grad_norms(recipe_runs / straight)), atol=1e-5, rtol=1e-5)
+
+
 # -- resuming the 2-process checkpoints at another world size (same global batch of 32) ----------------------------
 @pytest.fixture(scope="module")
 def other_layout_runs(recipe_runs, tmp_path_factory):
@@ -201,11 +239,13 @@ def other_layout_runs(recipe_runs, tmp_path_factory):
     sys.path.insert(0, str(ROOT / "recipes"))
     import train as train_recipe
 
-    # One process from the same 2-process checkpoint (its rank 0 finds a data position of the other layout).
-    train_recipe.main([str(ROOT / "recipes" / "configs" / "default.yaml"), "--max_steps", str(STEPS), "--save_steps",
-                       str(SAVE_AT), *RECIPE_FLAGS, "--per_device_train_batch_size", "32",
-                       "--resume_with_other_layout", "next_epoch", "--output_dir", str(out / "ddp_w1"),
-                       "--resume_from_checkpoint", str(recipe_runs / "ddp" / f"checkpoint-{SAVE_AT}")])
+    # One process from the same 2-process checkpoints (its rank 0 finds a data position of the other layout; the
+    # FSDP2 optimizer's DCP shards are read whole without a process group).
+    for run in ("ddp", "fsdp"):
+        train_recipe.main([str(ROOT / "recipes" / "configs" / "default.yaml"), "--max_steps", str(STEPS),
+                           "--save_steps", str(SAVE_AT), *RECIPE_FLAGS, "--per_device_train_batch_size", "32",
+                           "--resume_with_other_layout", "next_epoch", "--output_dir", str(out / f"{run}_w1"),
+                           "--resume_from_checkpoint", str(recipe_runs / run / f"checkpoint-{SAVE_AT}")])
     return out, done.stdout
 
 
@@ -226,14 +266,14 @@ def test_resume_at_another_layout_is_refused_by_every_rank_with_one_message(othe
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("run, processes", [("ddp_w4", 4), ("fsdp_w4", 4), ("ddp_w1", 1)])
+@pytest.mark.parametrize("run, processes", [("ddp_w4", 4), ("fsdp_w4", 4), ("ddp_w1", 1), ("fsdp_w1", 1)])
 def test_resume_at_another_world_size_continues_the_run(other_layout_runs, run, processes):
     out = other_layout_runs[0] / run
     final = out / f"checkpoint-{STEPS}"
     assert json.loads((final / "trainer_state.json").read_text())["global_step"] == STEPS
     assert int(NeuCLIPModel.from_pretrained(out).normalizer.num_updates) == STEPS  # the normalizer carried over
     # The encoder optimizer carried over: AdamW has taken all STEPS steps (re-sharded from 2 DCP shards for FSDP2).
-    if run.startswith("fsdp"):
+    if processes > 1 and run.startswith("fsdp"):
         assert len(list((final / "optimizer_fsdp").glob("*.distcp"))) == processes
         dcp_to_torch_save(final / "optimizer_fsdp", out / "optimizer_full.pt")
         state = torch.load(out / "optimizer_full.pt", weights_only=True)["optimizer"]["state"]

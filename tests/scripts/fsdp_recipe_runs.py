@@ -1,10 +1,12 @@
-"""Run under `accelerate launch` with 2 CPU processes: recipes/train.py three times in one launch (one process group),
+"""Run under `accelerate launch` with 2 CPU processes: recipes/train.py five times in one launch (one process group),
 on the embedded default data with the tiny preset.
 
     fsdp_recipe_runs.py OUT_DIR STEPS SAVE_AT [recipe flags...]
         OUT_DIR/ddp      STEPS steps under DDP
         OUT_DIR/fsdp     STEPS steps with --fsdp_encoders true (checkpoints every SAVE_AT steps)
         OUT_DIR/resumed  --fsdp_encoders true, resumed from OUT_DIR/fsdp/checkpoint-SAVE_AT to STEPS
+        OUT_DIR/fsdp_to_ddp  DDP, resumed from OUT_DIR/fsdp/checkpoint-SAVE_AT (the optimizer's DCP shards read whole)
+        OUT_DIR/ddp_to_fsdp  --fsdp_encoders true, resumed from OUT_DIR/ddp/checkpoint-SAVE_AT (optimizer.pt sharded)
 Each run writes its final model with save_pretrained (full weights, rank 0); tests/test_fsdp.py compares them.
 """
 
@@ -25,8 +27,12 @@ def main() -> None:
     train_recipe.main(common + ["--output_dir", str(out / "fsdp"), "--fsdp_encoders", "true"])
     train_recipe.main(common + ["--output_dir", str(out / "resumed"), "--fsdp_encoders", "true",
                                 "--resume_from_checkpoint", str(out / "fsdp" / f"checkpoint-{save_at}")])
+    train_recipe.main(common + ["--output_dir", str(out / "fsdp_to_ddp"),
+                                "--resume_from_checkpoint", str(out / "fsdp" / f"checkpoint-{save_at}")])
+    train_recipe.main(common + ["--output_dir", str(out / "ddp_to_fsdp"), "--fsdp_encoders", "true",
+                                "--resume_from_checkpoint", str(out / "ddp" / f"checkpoint-{save_at}")])
     if int(os.environ.get("RANK", 0)) == 0:
-        print("three runs done, world size", os.environ.get("WORLD_SIZE"))
+        print("five runs done, world size", os.environ.get("WORLD_SIZE"))
 
 
 if __name__ == "__main__":
