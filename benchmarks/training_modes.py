@@ -1,7 +1,7 @@
 """What do gradient checkpointing and torch.compile buy on a training step, and where does compile break the graph?
 
 Side by side in one run, each measurement in its own process with one torch thread:
-  - `--gradient_checkpointing` (transformers' activation checkpointing of every encoder layer): peak resident memory
+  - `--activation_checkpointing` (transformers' activation checkpointing of every encoder layer): peak resident memory
     of a full NeuCLIPTrainer step with and without it at ViT-B/32 geometry (224 px, 77-token captions), and the
     step-time ratio it costs (the layers' forward runs twice);
   - `--torch_compile` (inductor, through the Trainer / accelerate): the graphs and graph breaks of the training
@@ -214,7 +214,7 @@ def _checkpointing_block(check: dict | None) -> str:
                    for name, entry in check["summary"].items()]
     ratio_rows = [[objective, _spread(r["peak_rss"]), _spread(r["step_time"])]
                   for objective, r in check["ratios"].items()]
-    return f"""**Gradient checkpointing** (`--gradient_checkpointing`, every encoder layer recomputed in the backward),
+    return f"""**Gradient checkpointing** (`--activation_checkpointing`, every encoder layer recomputed in the backward),
 {check['preset']} geometry, batch {check['batch_size']}, full NeuCLIPTrainer step with fused AdamW; rounds:
 {'valid' if check['from_valid_rounds'] else 'CONTENDED (step times not a measurement)'}:
 

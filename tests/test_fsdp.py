@@ -5,7 +5,7 @@ scalar `logit_scale` stay whole (`fsdp_replicated_parameters`). After the same s
 a sharded torch.distributed.checkpoint saved mid-run and resumed in a new launch ends where the straight run ends;
 in a custom loop (tests/scripts/fsdp_vs_ddp.py) and through recipes/train.py --fsdp_encoders true
 (tests/scripts/fsdp_recipe_runs.py: DDP, FSDP and FSDP resumed, and each format's checkpoint resumed by the other
-kind of run, in one launch).
+kind of run, and FSDP2 with activation checkpointing, in one launch).
 
 Those 2-process checkpoints are also resumed at another world size (4 processes, and 1 for DDP) at the same global
 batch: refused without `--resume_with_other_layout next_epoch`, continued with it (tests/scripts/
@@ -30,7 +30,7 @@ SCRIPT = Path(__file__).parent / "scripts" / "fsdp_vs_ddp.py"
 RECIPE_RUNS = Path(__file__).parent / "scripts" / "fsdp_recipe_runs.py"
 OTHER_LAYOUT_RUNS = Path(__file__).parent / "scripts" / "resume_other_layout.py"
 TIMEOUT = 240  # seconds per launch; one takes ~20 s on 2 idle cores, so only a hang reaches it
-RECIPE_TIMEOUT = 480  # the five recipe runs take ~45 s on 2 idle cores
+RECIPE_TIMEOUT = 480  # the six recipe runs take ~50 s on 2 idle cores
 STEPS, SAVE_AT = 4, 2
 MAX_GRAD_NORM = 0.05  # below every step's gradient norm (1.0-1.8 here): clipping acts at every step
 RECIPE_FLAGS = ["--per_device_train_batch_size", "16", "--eval_max_samples", "64", "--dataloader_num_workers", "0",
@@ -158,7 +158,10 @@ def recipe_runs(tmp_path_factory):
     done = launch_processes([RECIPE_RUNS, out, STEPS, SAVE_AT, *RECIPE_FLAGS], timeout=RECIPE_TIMEOUT, cwd=ROOT,
                                 env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-6000:]
-    assert "five runs done, world size 2" in done.stdout
+    assert "six runs done, world size 2" in done.stdout
+    # Every layer forward of training ran under checkpoint: 2 encoders x 2 layers x STEPS steps (evaluation runs in
+    # eval mode, where transformers does not checkpoint).
+    assert int(done.stdout.split("checkpointed layer forwards:")[1].split()[0]) == 2 * 2 * STEPS
     return out
 
 
@@ -215,6 +218,12 @@ def test_recipe_fsdp_encoders_resume_equals_straight_run(recipe_runs):
     for index in a:
         for key, value in a[index].items():
             torch.testing.assert_close(b[index][key], value, atol=1e-5, rtol=1e-5, msg=f"{index}.{key}")
+
+
+@pytest.mark.slow
+def test_recipe_fsdp_with_activation_checkpointing_equals_ddp(recipe_runs):
+    _assert_same_weights(NeuCLIPModel.from_pretrained(recipe_runs / "ddp").state_dict(),
+                         NeuCLIPModel.from_pretrained(recipe_runs / "fsdp_checkpointed").state_dict())
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""Run under `accelerate launch` with 2 CPU processes: recipes/train.py five times in one launch (one process group),
+"""Run under `accelerate launch` with 2 CPU processes: recipes/train.py six times in one launch (one process group),
 on the embedded default data with the tiny preset.
 
     fsdp_recipe_runs.py OUT_DIR STEPS SAVE_AT [recipe flags...]
@@ -7,12 +7,16 @@ on the embedded default data with the tiny preset.
         OUT_DIR/resumed  --fsdp_encoders true, resumed from OUT_DIR/fsdp/checkpoint-SAVE_AT to STEPS
         OUT_DIR/fsdp_to_ddp  DDP, resumed from OUT_DIR/fsdp/checkpoint-SAVE_AT (the optimizer's DCP shards read whole)
         OUT_DIR/ddp_to_fsdp  --fsdp_encoders true, resumed from OUT_DIR/ddp/checkpoint-SAVE_AT (optimizer.pt sharded)
+        OUT_DIR/fsdp_checkpointed  STEPS steps with --fsdp_encoders true --activation_checkpointing true (prints how
+                                   many layer forwards ran under torch.utils.checkpoint)
 Each run writes its final model with save_pretrained (full weights, rank 0); tests/test_fsdp.py compares them.
 """
 
 import os
 import sys
 from pathlib import Path
+
+from transformers import modeling_utils
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "recipes"))
@@ -31,8 +35,25 @@ def main() -> None:
                                 "--resume_from_checkpoint", str(out / "fsdp" / f"checkpoint-{save_at}")])
     train_recipe.main(common + ["--output_dir", str(out / "ddp_to_fsdp"), "--fsdp_encoders", "true",
                                 "--resume_from_checkpoint", str(out / "ddp" / f"checkpoint-{save_at}")])
+    checkpointed = count_checkpointed_calls()
+    train_recipe.main(common + ["--output_dir", str(out / "fsdp_checkpointed"), "--fsdp_encoders", "true",
+                                "--activation_checkpointing", "true"])
     if int(os.environ.get("RANK", 0)) == 0:
-        print("five runs done, world size", os.environ.get("WORLD_SIZE"))
+        print("checkpointed layer forwards:", checkpointed[0])
+        print("six runs done, world size", os.environ.get("WORLD_SIZE"))
+
+
+def count_checkpointed_calls() -> list[int]:
+    """Count the calls of torch's checkpoint function from now on (transformers binds the name it imported when the
+    Trainer enables activation checkpointing, so the runs before are not counted)."""
+    count, original = [0], modeling_utils.checkpoint
+
+    def counted(*args, **kwargs):
+        count[0] += 1
+        return original(*args, **kwargs)
+
+    modeling_utils.checkpoint = counted
+    return count
 
 
 if __name__ == "__main__":
