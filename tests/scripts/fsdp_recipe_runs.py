@@ -1,4 +1,4 @@
-"""Run under `accelerate launch` with 2 CPU processes: recipes/train.py six times in one launch (one process group),
+"""Run under `accelerate launch` with 2 CPU processes: recipes/train.py eight times in one launch (one process group),
 on the embedded default data with the tiny preset.
 
     fsdp_recipe_runs.py OUT_DIR STEPS SAVE_AT [recipe flags...]
@@ -9,6 +9,8 @@ on the embedded default data with the tiny preset.
         OUT_DIR/ddp_to_fsdp  --fsdp_encoders true, resumed from OUT_DIR/ddp/checkpoint-SAVE_AT (optimizer.pt sharded)
         OUT_DIR/fsdp_checkpointed  STEPS steps with --fsdp_encoders true --activation_checkpointing true (prints how
                                    many layer forwards ran under torch.utils.checkpoint)
+        OUT_DIR/ddp_compiled, OUT_DIR/fsdp_compiled  STEPS steps with --torch_compile true, DDP and FSDP2 (prints the
+                                   graphs dynamo compiled in each)
 Each run writes its final model with save_pretrained (full weights, rank 0); tests/test_fsdp.py compares them.
 """
 
@@ -16,6 +18,7 @@ import os
 import sys
 from pathlib import Path
 
+import torch._dynamo
 from transformers import modeling_utils
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,9 +41,16 @@ def main() -> None:
     checkpointed = count_checkpointed_calls()
     train_recipe.main(common + ["--output_dir", str(out / "fsdp_checkpointed"), "--fsdp_encoders", "true",
                                 "--activation_checkpointing", "true"])
+    graphs = {}
+    for name, flags in (("ddp_compiled", []), ("fsdp_compiled", ["--fsdp_encoders", "true"])):
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        train_recipe.main(common + ["--output_dir", str(out / name), "--torch_compile", "true", *flags])
+        graphs[name] = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     if int(os.environ.get("RANK", 0)) == 0:
         print("checkpointed layer forwards:", checkpointed[0])
-        print("six runs done, world size", os.environ.get("WORLD_SIZE"))
+        print("compiled graphs:", graphs["ddp_compiled"], graphs["fsdp_compiled"])
+        print("eight runs done, world size", os.environ.get("WORLD_SIZE"))
 
 
 def count_checkpointed_calls() -> list[int]:
