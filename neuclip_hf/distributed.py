@@ -4,10 +4,18 @@ single-process fallback so the same code runs in one process, under `torchrun` o
 Each rank computes the loss of its LOCAL anchors against the GLOBAL batch. The gather's backward sums the gradient
 of every rank's loss into the rank that owns each embedding, and DDP then averages parameter gradients, so the
 result equals the gradient of the mean of the per-rank losses, i.e. of the full-batch loss (tested with 2 processes).
+
+Under `--torch_compile` the collectives here run eagerly (`outside_compiled_graphs`: a graph break at each call in a
+process group; in one process their identity is traced as before). Traced into an Inductor graph they became
+functional collectives whose works the graph left registered and never waited on (torch warned of 27 "unwaited
+collective calls" after two compiled 4-step gloo runs), and a CI run of that 2-process test aborted a rank inside such
+a graph. Eager, they take the tested eager path; the break costs nothing, since the size exchange before each gather
+(`.item()`) breaks the graph anyway.
 """
 
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
 from typing import Callable, Iterator, TypeVar
 
@@ -21,11 +29,24 @@ except ImportError:  # pragma: no cover - older torch
     _ag_autograd = None
 
 T = TypeVar("T")
+F = TypeVar("F", bound=Callable)
 
 
 def is_distributed() -> bool:
     """True when a process group with more than one rank is running."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def outside_compiled_graphs(collective: F) -> F:
+    """Run `collective` eagerly when dynamo traces its caller and a process group is running (a graph break);
+    without one, the call (an identity) is traced like any other code."""
+    eager = torch.compiler.disable(collective)
+
+    @functools.wraps(collective)
+    def call(*args, **kwargs):
+        return eager(*args, **kwargs) if is_distributed() else collective(*args, **kwargs)
+
+    return call  # type: ignore[return-value]
 
 
 def rank_and_world_size() -> tuple[int, int]:
@@ -57,6 +78,7 @@ def _concat_valid(gathered: torch.Tensor, sizes: list[int], max_size: int) -> to
     return torch.cat([c[:s] for c, s in zip(chunks, sizes)], dim=0)
 
 
+@outside_compiled_graphs
 def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     """All-gather `x` along dim 0 with autograd, allowing different row counts per rank.
 
@@ -79,6 +101,7 @@ def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     return _concat_valid(gathered, sizes, max_size), offset
 
 
+@outside_compiled_graphs
 @torch.no_grad()
 def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     """All-gather `x` along dim 0 without autograd (ids, diagnostics); identity in one process."""
@@ -92,6 +115,7 @@ def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     return _concat_valid(torch.cat(out, dim=0), sizes, max_size)
 
 
+@outside_compiled_graphs
 @torch.no_grad()
 def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
     """Sum `tensor` over all ranks, in place (every rank gets the same result); identity in one process."""
@@ -100,6 +124,7 @@ def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+@outside_compiled_graphs
 @torch.no_grad()
 def all_reduce_max_(tensor: torch.Tensor) -> torch.Tensor:
     """Element-wise maximum of `tensor` over all ranks, in place; identity in one process."""
@@ -118,6 +143,7 @@ def row_blocks(rows: int, world_size: int) -> list[slice]:
     return [slice(start, stop) for start, stop in zip(bounds[:-1], bounds[1:])]
 
 
+@outside_compiled_graphs
 @torch.no_grad()
 def broadcast_(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
     """Overwrite `tensor` in place with rank `src`'s value; identity in one process."""

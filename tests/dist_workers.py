@@ -74,3 +74,42 @@ def worker(rank: int, world_size: int, port: int, objectives: list[str], out_dir
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+def compiled_collectives_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    """Run the collective helpers inside a `torch.compile`d function and eagerly, on uneven rows (3 and 5); save
+    both results, the FX graphs' call targets and the work registry's size (works never waited on)."""
+    from torch._C._distributed_c10d import _get_work_registry_size
+
+    from neuclip_hf.distributed import all_reduce_max_, all_reduce_sum_, broadcast_, gather_no_grad, gather_with_grad
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        targets = []
+
+        def recording_backend(graph_module, example_inputs):
+            targets.extend(str(node.target) for node in graph_module.graph.nodes if node.op == "call_function")
+            return graph_module.forward
+
+        def step(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+            gathered, offset = gather_with_grad(x @ weight)
+            ids = gather_no_grad(torch.arange(x.shape[0]) + offset)
+            total = all_reduce_sum_(gathered.detach().sum(0))
+            peak = all_reduce_max_(gathered.detach().amax(0))
+            first = broadcast_(x.detach().sum().reshape(1).clone(), src=0)
+            return (gathered.tanh() * (ids[:, None] + 1)).sum() + total.sum() + peak.sum() + first.sum()
+
+        rows = 3 + 2 * rank
+        x = torch.randn(rows, 4, generator=torch.Generator().manual_seed(rank))
+        results = {}
+        for mode, fn in (("eager", step), ("compiled", torch.compile(step, backend=recording_backend))):
+            weight = torch.linspace(-1, 1, 12).reshape(4, 3).requires_grad_()
+            loss = fn(x, weight)
+            loss.backward()
+            results[mode] = {"loss": loss.detach(), "grad": weight.grad}
+        results["graph_targets"] = targets
+        results["work_registry_size"] = _get_work_registry_size()
+        torch.save(results, os.path.join(out_dir, f"compiled_rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()

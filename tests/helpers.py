@@ -2,6 +2,7 @@
 `accelerate launch` runner of the multi-process tests."""
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -120,7 +121,9 @@ def launch_processes(script_and_args: list, timeout: float, cwd=None, env: dict 
         env: The environment (default: this process's); `ACCELERATE_USE_CPU` and `OMP_NUM_THREADS` are set on it.
         num_processes: Processes (2: this machine has 2 cores; 4 for a resume at another world size).
     """
-    env = {**(os.environ if env is None else env), "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    # PYTHONFAULTHANDLER: a rank killed by a signal (an abort in C++) prints every thread's Python stack first.
+    env = {**(os.environ if env is None else env), "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONFAULTHANDLER": "1"}
     command = [sys.executable, *cpu_launch(num_processes), *map(str, script_and_args)]
     process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -129,8 +132,26 @@ def launch_processes(script_and_args: list, timeout: float, cwd=None, env: dict 
         kill_tree(process)
         stdout, stderr = process.communicate()
         pytest.fail(f"`accelerate launch` did not finish within {timeout:.0f} s and was killed (a hang: ranks in "
-                    f"different collectives?)\n--- stdout ---\n{stdout[-3000:]}\n--- stderr ---\n{stderr[-8000:]}")
+                    f"different collectives?)\n{launch_report(stdout, stderr)}")
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+FIRST_FAILURE = re.compile(r"Fatal Python error|terminate called|Traceback \(most recent call last\)")
+
+
+def launch_report(stdout: str, stderr: str) -> str:
+    """What a failed launch printed: the ends of stdout and stderr and, before them, stderr from its first failure
+    on (a traceback, a fatal signal or a C++ terminate), which the other ranks' later tracebacks would push out of a
+    plain tail."""
+    first = FIRST_FAILURE.search(stderr)
+    head = stderr[max(0, first.start() - 200): first.start() + 5000] if first else ""
+    return (f"--- stdout (end) ---\n{stdout[-2000:]}\n--- stderr from the first failure ---\n{head}\n"
+            f"--- stderr (end) ---\n{stderr[-4000:]}")
+
+
+def assert_launch_succeeded(done: subprocess.CompletedProcess) -> None:
+    """Fail with `launch_report` unless the launch exited with 0."""
+    assert done.returncode == 0, f"exit code {done.returncode}\n{launch_report(done.stdout, done.stderr)}"
 
 
 def spawn_with_timeout(fn, args: tuple, nprocs: int, timeout: float) -> None:

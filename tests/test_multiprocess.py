@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from fake_hub import hub_env, module_hub  # noqa: F401  (pytest fixture)
-from helpers import launch_processes
+from helpers import assert_launch_succeeded, launch_processes
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 
@@ -49,7 +49,7 @@ def train(workdir: Path, output_dir: str, max_steps: int, *extra: str, env: dict
     env = env if env is not None else {**os.environ, "PYTHONPATH": str(ROOT)}
     done = launch_processes([RECIPE, CONFIG, "--output_dir", output_dir, "--max_steps", str(max_steps), *TINY,
                                  *extra], TIMEOUT, cwd=workdir, env=env)
-    assert done.returncode == 0, f"exit code {done.returncode}\n{done.stdout[-2000:]}\n{done.stderr[-6000:]}"
+    assert_launch_succeeded(done)
     assert "zero-shot top-1 accuracy" in done.stdout and "model and processor saved to" in done.stdout
     summary = json.loads((workdir / output_dir / "eval_results.json").read_text())
     assert summary["global_step"] == max_steps

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import launch_processes
+from helpers import assert_launch_succeeded, launch_processes
 from transformers import AutoProcessor
 
 from neuclip_hf import NeuCLIPModel
@@ -101,7 +101,7 @@ def test_two_process_recipe_run(tmp_path):
                "--per_device_train_batch_size", "16", "--eval_max_samples", "64", "--dataloader_num_workers", "0",
                *FAST]
     done = launch_processes(command, timeout=600, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    assert_launch_succeeded(done)
     checkpoint = out / "checkpoint-4"
     marker = json.loads((checkpoint / "neuclip_checkpoint.json").read_text())
     assert marker["world_size"] == 2

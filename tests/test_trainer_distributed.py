@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import launch_processes
+from helpers import assert_launch_succeeded, launch_processes
 
 pytestmark = pytest.mark.slow  # slow tier: multi-process runs
 
@@ -22,7 +22,7 @@ def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
     (out / "two").mkdir()
     done = launch_processes([SCRIPT, "--out", out / "two", "--objectives", *OBJECTIVES], timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert_launch_succeeded(done)
     (out / "one").mkdir()
     one = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out / "one"), "--objectives", *OBJECTIVES],
                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)

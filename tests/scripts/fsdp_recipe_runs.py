@@ -10,7 +10,7 @@ on the embedded default data with the tiny preset.
         OUT_DIR/fsdp_checkpointed  STEPS steps with --fsdp_encoders true --activation_checkpointing true (prints how
                                    many layer forwards ran under torch.utils.checkpoint)
         OUT_DIR/ddp_compiled, OUT_DIR/fsdp_compiled  STEPS steps with --torch_compile true, DDP and FSDP2 (prints the
-                                   graphs dynamo compiled in each)
+                                   graphs dynamo compiled in each and, per rank, the collectives left unwaited)
 Each run writes its final model with save_pretrained (full weights, rank 0); tests/test_fsdp.py compares them.
 """
 
@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 import torch._dynamo
+from torch._C._distributed_c10d import _get_work_registry_size
 from transformers import modeling_utils
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -47,6 +48,8 @@ def main() -> None:
         torch._dynamo.utils.counters.clear()
         train_recipe.main(common + ["--output_dir", str(out / name), "--torch_compile", "true", *flags])
         graphs[name] = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    # Collectives that a compiled graph launched and never waited on (0: they all run eagerly).
+    print(f"unwaited collectives on rank {os.environ.get('RANK', 0)}: {_get_work_registry_size()}", flush=True)
     if int(os.environ.get("RANK", 0)) == 0:
         print("checkpointed layer forwards:", checkpointed[0])
         print("compiled graphs:", graphs["ddp_compiled"], graphs["fsdp_compiled"])
