@@ -5,7 +5,8 @@ scalar `logit_scale` stay whole (`fsdp_replicated_parameters`). After the same s
 a sharded torch.distributed.checkpoint saved mid-run and resumed in a new launch ends where the straight run ends;
 in a custom loop (tests/scripts/fsdp_vs_ddp.py) and through recipes/train.py --fsdp_encoders true
 (tests/scripts/fsdp_recipe_runs.py: DDP, FSDP and FSDP resumed, and each format's checkpoint resumed by the other
-kind of run, FSDP2 with activation checkpointing, and DDP and FSDP2 compiled, in one launch).
+kind of run, FSDP2 with activation checkpointing, DDP and FSDP2 compiled, and DDP and FSDP2 under bf16 autocast, in
+one launch).
 
 Those 2-process checkpoints are also resumed at another world size (4 processes, and 1 for DDP) at the same global
 batch: refused without `--resume_with_other_layout next_epoch`, continued with it (tests/scripts/
@@ -30,7 +31,7 @@ SCRIPT = Path(__file__).parent / "scripts" / "fsdp_vs_ddp.py"
 RECIPE_RUNS = Path(__file__).parent / "scripts" / "fsdp_recipe_runs.py"
 OTHER_LAYOUT_RUNS = Path(__file__).parent / "scripts" / "resume_other_layout.py"
 TIMEOUT = 240  # seconds per launch; one takes ~20 s on 2 idle cores, so only a hang reaches it
-RECIPE_TIMEOUT = 540  # the eight recipe runs take ~2.5 min on 2 idle cores (two compile)
+RECIPE_TIMEOUT = 540  # the ten recipe runs take ~3 min on 2 idle cores (two compile)
 STEPS, SAVE_AT = 4, 2
 MAX_GRAD_NORM = 0.05  # below every step's gradient norm (1.0-1.8 here): clipping acts at every step
 RECIPE_FLAGS = ["--per_device_train_batch_size", "16", "--eval_max_samples", "64", "--dataloader_num_workers", "0",
@@ -158,7 +159,7 @@ def recipe_runs(tmp_path_factory):
     done = launch_processes([RECIPE_RUNS, out, STEPS, SAVE_AT, *RECIPE_FLAGS], timeout=RECIPE_TIMEOUT, cwd=ROOT,
                                 env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert_launch_succeeded(done)
-    assert "eight runs done, world size 2" in done.stdout
+    assert "ten runs done, world size 2" in done.stdout
     # Every layer forward of training ran under checkpoint: 2 encoders x 2 layers x STEPS steps (evaluation runs in
     # eval mode, where transformers does not checkpoint).
     assert int(done.stdout.split("checkpointed layer forwards:")[1].split()[0]) == 2 * 2 * STEPS
@@ -239,6 +240,21 @@ def test_recipe_fsdp_with_torch_compile_equals_compiled_ddp(recipe_runs):
     assert min(graphs) > 0, graphs  # both runs compiled the model
     # No compiled graph left a collective unwaited on either rank (they were 27 when the loss's gathers were traced).
     assert (recipe_runs / "unwaited_collectives.txt").read_text() == "0 0"
+
+
+@pytest.mark.slow
+def test_recipe_fsdp_under_bf16_autocast_equals_ddp(recipe_runs):
+    # --bf16 on CPU is torch's autocast (parameters, gradients, the loss and the estimators stay fp32): sharding the
+    # encoders changes the order of the gradient sums only, so FSDP2 ends where DDP ends, while both differ from the
+    # fp32 runs by bf16's rounding of the encoders' matmuls.
+    ddp, fsdp = (NeuCLIPModel.from_pretrained(recipe_runs / run).state_dict() for run in ("ddp_bf16", "fsdp_bf16"))
+    _assert_same_weights(ddp, fsdp)
+    fp32 = NeuCLIPModel.from_pretrained(recipe_runs / "ddp").state_dict()
+    name = "vision_model.encoder.layers.0.mlp.fc1.weight"
+    assert (ddp[name] - fp32[name]).abs().max() > 1e-5  # autocast ran: bf16 matmuls moved the weights elsewhere
+    assert all(value.dtype in (torch.float32, torch.int64) for value in fsdp.values())
+    torch.testing.assert_close(torch.tensor(_logged_grad_norms(recipe_runs / "fsdp_bf16")),
+                               torch.tensor(_logged_grad_norms(recipe_runs / "ddp_bf16")), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.slow

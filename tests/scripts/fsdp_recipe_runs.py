@@ -1,4 +1,4 @@
-"""Run under `accelerate launch` with 2 CPU processes: recipes/train.py eight times in one launch (one process group),
+"""Run under `accelerate launch` with 2 CPU processes: recipes/train.py ten times in one launch (one process group),
 on the embedded default data with the tiny preset.
 
     fsdp_recipe_runs.py OUT_DIR STEPS SAVE_AT [recipe flags...]
@@ -11,6 +11,7 @@ on the embedded default data with the tiny preset.
                                    many layer forwards ran under torch.utils.checkpoint)
         OUT_DIR/ddp_compiled, OUT_DIR/fsdp_compiled  STEPS steps with --torch_compile true, DDP and FSDP2 (prints the
                                    graphs dynamo compiled in each and, per rank, the collectives left unwaited)
+        OUT_DIR/ddp_bf16, OUT_DIR/fsdp_bf16  STEPS steps with --bf16 true --use_cpu true (CPU autocast), DDP and FSDP2
 Each run writes its final model with save_pretrained (full weights, rank 0); tests/test_fsdp.py compares them.
 """
 
@@ -50,10 +51,13 @@ def main() -> None:
         graphs[name] = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     # Collectives that a compiled graph launched and never waited on (0: they all run eagerly).
     print(f"unwaited collectives on rank {os.environ.get('RANK', 0)}: {_get_work_registry_size()}", flush=True)
+    for name, flags in (("ddp_bf16", []), ("fsdp_bf16", ["--fsdp_encoders", "true"])):
+        train_recipe.main(common + ["--output_dir", str(out / name), "--bf16", "true", "--use_cpu", "true",
+                                    *flags])
     if int(os.environ.get("RANK", 0)) == 0:
         print("checkpointed layer forwards:", checkpointed[0])
         print("compiled graphs:", graphs["ddp_compiled"], graphs["fsdp_compiled"])
-        print("eight runs done, world size", os.environ.get("WORLD_SIZE"))
+        print("ten runs done, world size", os.environ.get("WORLD_SIZE"))
 
 
 def count_checkpointed_calls() -> list[int]:
