@@ -10,7 +10,8 @@ on the embedded default data with the tiny preset.
         OUT_DIR/fsdp_checkpointed  STEPS steps with --fsdp_encoders true --activation_checkpointing true (prints how
                                    many layer forwards ran under torch.utils.checkpoint)
         OUT_DIR/ddp_compiled, OUT_DIR/fsdp_compiled  STEPS steps with --torch_compile true, DDP and FSDP2 (prints the
-                                   graphs dynamo compiled in each and, per rank, the collectives left unwaited)
+                                   graphs dynamo compiled in each; each rank writes the collectives it left unwaited to
+                                   OUT_DIR/unwaited_collectives_rankR.txt)
         OUT_DIR/ddp_bf16, OUT_DIR/fsdp_bf16  STEPS steps with --bf16 true --use_cpu true (CPU autocast), DDP and FSDP2
 Each run writes its final model with save_pretrained (full weights, rank 0); tests/test_fsdp.py compares them.
 """
@@ -50,7 +51,8 @@ def main() -> None:
         train_recipe.main(common + ["--output_dir", str(out / name), "--torch_compile", "true", *flags])
         graphs[name] = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     # Collectives that a compiled graph launched and never waited on (0: they all run eagerly).
-    print(f"unwaited collectives on rank {os.environ.get('RANK', 0)}: {_get_work_registry_size()}", flush=True)
+    # (a file per rank: two ranks' lines in one stdout pipe can interleave mid-line)
+    (out / f"unwaited_collectives_rank{os.environ.get('RANK', 0)}.txt").write_text(str(_get_work_registry_size()))
     for name, flags in (("ddp_bf16", []), ("fsdp_bf16", ["--fsdp_encoders", "true"])):
         train_recipe.main(common + ["--output_dir", str(out / name), "--bf16", "true", "--use_cpu", "true",
                                     *flags])

@@ -2,8 +2,9 @@
 tests/scripts/fsdp_recipe_runs.py wrote, at the same global batch (8 per process instead of 16).
 
     resume_other_layout.py RUNS_DIR OUT_DIR STEPS SAVE_AT [recipe flags...]
-        without --resume_with_other_layout: every rank prints `rank R refused: <message>`
-        at another global batch (4 per process): every rank prints `rank R refused: <message>`
+        without --resume_with_other_layout: every rank writes OUT_DIR/refused_other_layout_rankR.txt (its message)
+        at another global batch (4 per process): every rank writes OUT_DIR/refused_other_batch_rankR.txt
+        (files, not stdout: four ranks' lines in one pipe can interleave mid-line)
         OUT_DIR/ddp_w4, OUT_DIR/fsdp_w4: --resume_with_other_layout next_epoch from RUNS_DIR/{ddp,fsdp}/checkpoint-SAVE_AT
             to STEPS (DDP, and FSDP2 with the encoder optimizer's 2 DCP shards re-sharded to 4)
 """
@@ -30,7 +31,7 @@ def main() -> None:
             train_recipe.main(common + flags + ["--output_dir", str(out / name), "--resume_from_checkpoint",
                                                 checkpoint])
         except ValueError as error:
-            print(f"rank {rank} refused: {error}", flush=True)
+            (out / f"refused_{name}_rank{rank}.txt").write_text(str(error))
         else:
             raise AssertionError(f"the resume {name} was not refused")
     for name, flags in (("ddp_w4", []), ("fsdp_w4", ["--fsdp_encoders", "true"])):
